@@ -1,0 +1,211 @@
+"""
+Plumbing shared by the stage scripts, and nothing else (the algorithms live in their own files).
+config overrides, device/dtype, seeding, tokenizers, JSON lines, downloads, checkpoints, logging, the lr schedule.
+"""
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import inspect
+import json
+import math
+import os
+import sys
+import types
+import typing
+import urllib.request
+from contextlib import nullcontext
+
+import tiktoken
+import torch
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------- config: --key=value over a dataclass
+
+def parse_config(config_cls, argv=None):
+    """Build `config_cls()` and override fields from `--key=value` arguments. `--help` prints the Config source,
+    whose trailing comments are the documentation. Bad keys and values raise ValueError naming the key."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(inspect.getsource(config_cls))
+        sys.exit(0)
+    cfg = config_cls()
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    hints = typing.get_type_hints(config_cls)
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise ValueError(f"argument {arg!r} must look like --key=value")
+        key, eq, text = arg[2:].partition("=")
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            raise ValueError(f"unknown key --{key}" + (f"; did you mean --{close[0]}?" if close else ""))
+        if not eq and hints[key] is bool:
+            text = "True"  # a bare --flag switches a bool on
+        setattr(cfg, key, _coerce(key, text, hints[key]))
+    return cfg
+
+def _coerce(key, text, hint):
+    # Optional[X] is Union[X, None]: parse as X unless the value is None.
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)  # Optional[int] or int | None
+    target = args[0] if is_union and len(args) == 1 else hint
+    if text == "None" and target is not hint:
+        return None
+    if target is str:
+        return text  # strings need no quotes on the command line
+    if target is bool and text in ("True", "False", "1", "0", "true", "false"):
+        return text in ("True", "1", "true")
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise ValueError(f"--{key}={text}: expected {getattr(target, '__name__', target)}") from None
+    if target is float and type(value) is int:
+        value = float(value)
+    if type(value) is not target:
+        raise ValueError(f"--{key}={text}: expected {target.__name__}, got {type(value).__name__}")
+    return value
+
+# ----------------------------------------------------------------------------- device, dtype, seeding
+
+def setup_device(device="auto", dtype="auto", compile=False):
+    """Decide device and dtype once, print them on one line, and return (device, dtype, autocast ctx)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"--dtype={dtype}: expected auto, float32 or bfloat16 (there is no fp16 path)")
+    # Weights stay fp32; bf16 only enters through autocast, as in nanoGPT.
+    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    print(f"device {device} | dtype {dtype} | compile {compile}")
+    return device, dtype, ctx
+
+def set_seed(seed):
+    torch.manual_seed(seed)
+
+# ----------------------------------------------------------------------------- tokenizers (tiktoken only)
+
+EOT = "<|endoftext|>"
+# r50k's (GPT-2's) split pattern: it matches every character, so no text is ever silently dropped.
+_R50K_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+def get_tokenizer(name):
+    """`gpt2` (50257 ids) or `bytes`: one token per UTF-8 byte plus <|endoftext|> = 256 (257 ids, no download).
+    Encode user text with `encode_ordinary`, so a literal "<|endoftext|>" in the data stays text."""
+    if name == "gpt2":
+        return tiktoken.get_encoding("gpt2")
+    if name == "bytes":
+        return tiktoken.Encoding(name="bytes", pat_str=_R50K_PATTERN,
+                                 mergeable_ranks={bytes([i]): i for i in range(256)}, special_tokens={EOT: 256})
+    raise ValueError(f"unknown tokenizer {name!r}; expected 'gpt2' or 'bytes'")
+
+# ----------------------------------------------------------------------------- data files: JSON lines
+
+def read_jsonl(path, fields=()):
+    """Read a JSON-lines file; every row must be an object holding `fields` as strings.
+    Errors name the place: `data/x.jsonl:17: field 'chosen' missing`."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object")
+            for field in fields:
+                if field not in row:
+                    raise ValueError(f"{path}:{lineno}: field {field!r} missing")
+                if not isinstance(row[field], str):
+                    raise ValueError(f"{path}:{lineno}: field {field!r} must be a string")
+            rows.append(row)
+    return rows
+
+def write_jsonl(path, rows):
+    """Write rows as JSON lines (raw UTF-8), atomically."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+def download(url, path):
+    """Fetch `url` to `path` with the standard library. Bytes go to `path.part` and are renamed only when the
+    whole file has arrived, so an interrupted download never leaves a file that looks complete."""
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    part = path + ".part"
+    with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as f:
+        total = int(response.headers.get("Content-Length") or 0)
+        with tqdm(total=total or None, unit="B", unit_scale=True, desc=os.path.basename(path)) as bar:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
+        received = f.tell()
+    if total and received != total:
+        raise OSError(f"{url}: connection closed after {received:,} of {total:,} bytes; run again to retry")
+    os.replace(part, path)
+    return path
+
+# ----------------------------------------------------------------------------- checkpoints and logs
+
+CKPT_KINDS = ("policy", "reward", "value")
+
+def save_checkpoint(path, ckpt):
+    """Save a dict of tensors and plain values, atomically: write a temp file, then rename over the old one,
+    so a crash mid-write leaves the previous checkpoint intact."""
+    assert ckpt.get("kind") in CKPT_KINDS, f"checkpoint kind must be one of {CKPT_KINDS}"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+def load_checkpoint(path, kind=None):
+    """Load a checkpoint written by save_checkpoint (a run folder works too), checking its kind if given."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "ckpt.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a nanoInstruct checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") not in CKPT_KINDS:
+        raise ValueError(f"{path}: not a nanoInstruct checkpoint (no 'kind' field)")
+    if kind is not None and ckpt["kind"] not in ((kind,) if isinstance(kind, str) else kind):
+        raise ValueError(f"{path}: is a {ckpt['kind']} checkpoint, expected {kind}")
+    return ckpt
+
+def log(run_dir, record):
+    """Append one JSON line to out/<run>/log.jsonl: the machine-readable twin of the printed line."""
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "log.jsonl"), "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+def get_lr(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1):
+    """Linear warmup, then cosine decay to min_lr_ratio * max_lr (nanoGPT's schedule)."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return max_lr * (min_lr_ratio + (1 - min_lr_ratio) * coeff)
+
+def load_labeler(data_path):
+    """The scripted labeler of a built-in task (`labeler.py` beside its data files), or None for real data,
+    which has no gold judge. Loaded from the file so data folders need not be packages."""
+    path = os.path.join(os.path.dirname(os.path.abspath(data_path)), "labeler.py")
+    if not os.path.exists(path):
+        return None
+    spec = importlib.util.spec_from_file_location(f"labeler_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

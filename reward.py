@@ -1,0 +1,214 @@
+"""
+Step 2 of InstructGPT (Ouyang et al. 2022, §3.5 "Reward modeling"): a reward model r_θ(x, y) trained on rankings.
+It starts from the SFT model with the LM head replaced by a scalar head; the reward of (prompt, response) is the
+scalar at the response's end-of-text token. A K-way ranking becomes all C(K,2) (chosen, rejected) pairs, kept
+together in one batch element: each response is scored once (K forward passes instead of 2·C(K,2)), and the paper
+found that treating the pairs as separate examples over-fits in one epoch.
+    python reward.py --init=out/sft --data=data/stories/prefs_train.jsonl --out_dir=out/rm
+"""
+import itertools
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common import (get_lr, get_tokenizer, load_labeler, log, parse_config, read_jsonl, save_checkpoint, set_seed,
+                    setup_device)
+from model import GPT, last_token_scores, load_model
+from sample import generate
+from sft import encode_example
+
+@dataclass
+class Config:
+    out_dir: str = "out/rm"
+    init: str = "out/sft"             # the SFT checkpoint the RM starts from (InstructGPT: the 6B SFT model)
+    data: str = "data/stories/prefs_train.jsonl"
+    val_data: str = ""                # default: data with _train replaced by _val
+    sft_data: str = "data/stories/sft_train.jsonl"   # demonstrations: the reward is shifted to average 0 on them
+    n_normalize: int = 512            # how many demonstrations to average for that shift
+    prompts: str = "data/stories/prompts_val.jsonl"  # for RM-vs-labeler agreement on fresh SFT samples
+    n_agreement: int = 128            # prompts sampled for that check (0 = skip)
+    batch_size: int = 16              # rankings per step (each holds K responses and C(K,2) pairs)
+    epochs: int = 1                   # InstructGPT trains the RM for one epoch: more over-fits
+    lr: float = 3e-4                  # InstructGPT's 6B RM used 9e-6; our tiny byte model wants far more
+    warmup_steps: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    eval_interval: int = 50
+    max_new_tokens: int = 128         # response length for the agreement samples
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+
+# ----------------------------------------------------------------------------- the math (tests import these)
+
+def ranking_pairs(k):
+    """All C(k,2) (chosen, rejected) index pairs of a ranking listed best first: i < j means i is preferred."""
+    return list(itertools.combinations(range(k), 2))
+
+def pairwise_loss(r_chosen, r_rejected):  # (N,), (N,) -> ()
+    # InstructGPT eq. (1): loss = -E[log σ(r(x, y_w) - r(x, y_l))]. logsigmoid stays finite for huge margins,
+    # where log(sigmoid(.)) would give log(0) = -inf.
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+def load_rankings(path):
+    """Each row -> (prompt, [responses best first]). Accepts {"prompt","chosen","rejected"} (K = 2) or
+    {"prompt","ranking": [best, ..., worst]} (K >= 2)."""
+    rankings = []
+    for lineno, row in enumerate(read_jsonl(path, ["prompt"]), 1):
+        if "ranking" in row:
+            ranking = row["ranking"]
+            if not (isinstance(ranking, list) and len(ranking) >= 2 and all(isinstance(r, str) for r in ranking)):
+                raise ValueError(f"{path}:{lineno}: field 'ranking' must be a list of at least 2 strings")
+        elif isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str):
+            ranking = [row["chosen"], row["rejected"]]
+        else:
+            raise ValueError(f"{path}:{lineno}: needs 'chosen' and 'rejected' strings, or a 'ranking' list")
+        rankings.append((row["prompt"], ranking))
+    return rankings
+
+def encode_for_scoring(tokenizer, prompts, responses, block_size, device):
+    """Right-padded (B, T) tokens of prompt + response + <|endoftext|> and their attention mask (B, T). With right
+    padding, last_token_scores finds each response's end-of-text token from the mask."""
+    seqs = [encode_example(tokenizer, p, r, block_size - 1)[0] for p, r in zip(prompts, responses)]
+    T = max(len(s) for s in seqs)
+    tokens = torch.full((len(seqs), T), tokenizer.eot_token, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), True
+    return tokens.to(device), mask.to(device)
+
+def score(reward_model, tokens, attention_mask):
+    """r_θ(x, y): the reward model's scalar at each sequence's last real token. (B, T), (B, T) -> (B,)"""
+    return last_token_scores(reward_model(tokens, attention_mask=attention_mask), attention_mask)
+
+def ranking_loss(reward_model, tokenizer, batch, block_size, device):
+    """Loss and pairwise accuracy for a batch of rankings: every response scored once, then all C(K,2) pairs of each
+    ranking compared. Each ranking weighs the same, whatever its K (InstructGPT eq. (1) has the 1/C(K,2) factor)."""
+    prompts = [p for p, ranking in batch for _ in ranking]
+    responses = [r for _, ranking in batch for r in ranking]
+    tokens, mask = encode_for_scoring(tokenizer, prompts, responses, block_size, device)
+    scores = score(reward_model, tokens, mask)  # (sum of K,)
+    losses, n_correct, n_pairs, offset = [], 0, 0, 0
+    for _, ranking in batch:
+        pairs = torch.tensor(ranking_pairs(len(ranking)), device=device) + offset  # (C(K,2), 2)
+        r_chosen, r_rejected = scores[pairs[:, 0]], scores[pairs[:, 1]]
+        # Identical responses in one ranking are ties the labeler could not order: they carry no preference.
+        is_tie = torch.tensor([ranking[i] == ranking[j] for i, j in ranking_pairs(len(ranking))], device=device)
+        if (~is_tie).any():
+            losses.append(pairwise_loss(r_chosen[~is_tie], r_rejected[~is_tie]))
+        n_correct += (r_chosen > r_rejected)[~is_tie].sum()
+        n_pairs += int((~is_tie).sum())
+        offset += len(ranking)
+    return torch.stack(losses).mean(), n_correct / max(1, n_pairs)
+
+# ----------------------------------------------------------------------------- config -> data -> model -> loop -> save
+
+def main(cfg: Config) -> dict:
+    set_seed(cfg.seed)
+    device, dtype, ctx = setup_device(cfg.device, cfg.dtype, cfg.compile)
+
+    # -- the reward model: the SFT trunk, with a fresh scalar head in place of the LM head
+    policy, sft_ckpt = load_model(cfg.init, kind="policy")
+    tokenizer = get_tokenizer(sft_ckpt["tokenizer"])
+    model = GPT(replace(policy.config, scalar_head=True))
+    trunk = {k: v for k, v in policy.state_dict().items() if not k.startswith("lm_head.")}
+    model.load_state_dict(trunk, strict=False)  # only score_head.* is new
+    # N+ details (Huang et al. 2024) init the head with std 1/sqrt(C+1) so initial rewards have unit-ish scale.
+    torch.nn.init.normal_(model.score_head.weight, std=1 / (model.config.n_embd + 1) ** 0.5)
+    model.to(device).train()
+    block_size = model.config.block_size
+
+    # -- data
+    train = load_rankings(cfg.data)
+    val_path = cfg.val_data or cfg.data.replace("_train", "_val")
+    val = load_rankings(val_path)
+    print(f"data: {len(train):,} train / {len(val):,} val rankings, K = {sorted({len(r) for _, r in train})}")
+
+    @torch.no_grad()
+    def evaluate(rankings):
+        model.eval()
+        accs = []
+        for i in range(0, len(rankings), cfg.batch_size):
+            with ctx:
+                _, acc = ranking_loss(model, tokenizer, rankings[i:i + cfg.batch_size], block_size, device)
+            accs.append(float(acc) * len(rankings[i:i + cfg.batch_size]))  # sync point: eval only
+        model.train()
+        return sum(accs) / len(rankings)
+
+    # -- training: one pass over shuffled rankings
+    optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay)
+    rng = torch.Generator().manual_seed(cfg.seed)
+    order = torch.cat([torch.randperm(len(train), generator=rng) for _ in range(cfg.epochs)]).tolist()
+    batches = [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    bar = tqdm(batches, desc="reward", dynamic_ncols=True)
+    for step, batch_idx in enumerate(bar, 1):
+        t0 = time.time()
+        lr = get_lr(step - 1, cfg.lr, cfg.warmup_steps, len(batches))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with ctx:
+            loss, acc = ranking_loss(model, tokenizer, [train[i] for i in batch_idx], block_size, device)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        record = {"step": step, "train/loss": loss.item(), "train/accuracy": float(acc), "lr": lr}  # sync point
+        bar.set_postfix_str(f"loss {record['train/loss']:.3f} | acc {record['train/accuracy']:.2f} | "
+                            f"{(time.time() - t0) * 1000:.0f}ms")
+        if step % cfg.eval_interval == 0 or step == len(batches):
+            record["val/accuracy"] = evaluate(val)
+            tqdm.write(f"step {step}/{len(batches)} | loss {record['train/loss']:.3f} | "
+                       f"val accuracy {record['val/accuracy']:.3f}")
+        log(cfg.out_dir, record)
+    val_accuracy = record["val/accuracy"]
+    model.eval()
+
+    # -- normalisation (InstructGPT §3.5): shift the bias so that demonstrations score 0 on average. The loss only
+    # sees differences, so the offset is arbitrary; fixing it makes PPO's rewards start near zero.
+    demos = read_jsonl(cfg.sft_data, ["prompt", "response"])[:cfg.n_normalize]
+    with torch.no_grad(), ctx:
+        demo_scores = torch.cat([score(model, *encode_for_scoring(tokenizer, [d["prompt"] for d in chunk],
+                                                                   [d["response"] for d in chunk], block_size, device))
+                                 for chunk in (demos[i:i + 64] for i in range(0, len(demos), 64))])
+    reward_shift = demo_scores.float().mean().item()
+    with torch.no_grad():
+        model.score_head.bias -= reward_shift
+    print(f"reward shift {reward_shift:+.3f}: demonstrations now score 0 on average (std {demo_scores.std():.3f})")
+
+    # -- does the RM agree with the gold labeler on fresh samples from the SFT policy? (built-in task only)
+    labeler, agreement = load_labeler(cfg.prompts), None
+    if labeler is not None and cfg.n_agreement > 0:
+        prompts = [r["prompt"] for r in read_jsonl(cfg.prompts, ["prompt"])][:cfg.n_agreement]
+        gen_rng = torch.Generator(device=device).manual_seed(cfg.seed)
+        policy.to(device)
+        texts = []  # two samples per prompt, compared with each other by the RM and by the labeler
+        for _ in range(2):
+            with ctx:
+                out = generate(policy, [tokenizer.encode_ordinary(p) for p in prompts], cfg.max_new_tokens,
+                               eos_id=tokenizer.eot_token, generator=gen_rng)
+            P = out.prompt_len
+            texts.append([tokenizer.decode(row[P:][m].tolist(), errors="replace").removesuffix("<|endoftext|>")
+                          for row, m in zip(out.tokens, out.response_mask)])  # sync point: eval only
+        with torch.no_grad(), ctx:
+            rm = [score(model, *encode_for_scoring(tokenizer, prompts, t, block_size, device)) for t in texts]
+        gold = [torch.tensor([labeler.score(p, r) for p, r in zip(prompts, t)]) for t in texts]
+        is_decided = gold[0] != gold[1]  # the labeler's ties say nothing about order
+        agree = ((rm[0] > rm[1]).cpu() == (gold[0] > gold[1]))[is_decided]
+        agreement = agree.float().mean().item() if len(agree) else float("nan")
+        print(f"RM agrees with the labeler on {agreement:.1%} of {len(agree)} pairs of fresh SFT samples")
+
+    save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
+        "kind": "reward", "model_config": asdict(model.config), "model": model.state_dict(),
+        "tokenizer": sft_ckpt["tokenizer"], "step": len(batches), "config": asdict(cfg),
+        "reward_shift": reward_shift, "val_accuracy": val_accuracy, "labeler_agreement": agreement})
+    result = {"val_accuracy": val_accuracy, "reward_shift": reward_shift, "labeler_agreement": agreement}
+    log(cfg.out_dir, {"final": result})
+    return result
+
+if __name__ == "__main__":
+    main(parse_config(Config))

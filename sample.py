@@ -1,0 +1,259 @@
+"""
+Sampling from a policy: a batched KV-cache `generate()` that PPO's rollouts and the evaluation use, and a CLI.
+Ragged prompts are left-padded so every row's next token lands in the same cache slot, and position ids come from
+the padding mask (N+ details, Huang et al. 2024), so a prompt gets the same tokens in a batch as alone.
+    python sample.py --ckpt=out/sft                                   # 4 samples of the default prompt
+    python sample.py --init=gpt2 --prompt="The meaning of life is"   # OpenAI's GPT-2 weights
+    python sample.py --ckpt=out/ppo --prompt=FILE:data/stories/prompts_val.jsonl --num_samples=1
+    python sample.py --ckpt=out/ppo --chat                            # interactive, tokens stream as sampled
+    python sample.py --ckpt=out/sft --best_of=8 --reward=out/rm      # best-of-N against the reward model
+    python sample.py --ckpt=out/ppo --compare=out/sft                 # same prompts and seed, both models
+--prompt is the exact text that precedes the response (the stories prompts end in a newline: use bash's $'...\\n').
+--prompt=FILE:path reads prompts from a file: a .jsonl file gives one prompt per row's "prompt" field (the format
+of data/*/prompts_*.jsonl), any other file is one prompt. An empty --prompt= samples unconditionally, starting
+from <|endoftext|> as GPT-2's documents do. Text is printed with errors="replace", since a byte-level model can
+stop in the middle of a UTF-8 character.
+"""
+import codecs
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from common import get_tokenizer, parse_config, read_jsonl, setup_device
+from model import KVCache, last_token_scores, load_model
+
+# ----------------------------------------------------------------------------- generate(): the sampler PPO uses
+
+@dataclass
+class Generation:
+    """What generate() returns. Padding is found through the masks, never by token id (the pad id is eos_id,
+    or 0 without one, so it can equal a real token)."""
+    tokens: torch.Tensor          # (B, P+N) long: left-padded prompts, then the sampled responses
+    attention_mask: torch.Tensor  # (B, P+N) bool: True for real prompt tokens and real response tokens
+    response_mask: torch.Tensor   # (B, N) bool: True for sampled tokens up to and including end-of-text
+    logprobs: torch.Tensor        # (B, N) float32: log-prob of each sampled token, 0 where response_mask is False
+    prompt_len: int               # P: the responses are tokens[:, P:]
+
+    @property
+    def responses(self):  # (B, N)
+        return self.tokens[:, self.prompt_len:]
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Draw one token per row: logits (B, V) -> tokens (B,), logprobs (B,). Tensor ops only, no host sync.
+    The log-prob is under the distribution actually sampled from: temperature-scaled, top-k/top-p renormalised,
+    which is what PPO's recomputed log-probs must match (N+ details: "temperature in rollouts and training").
+    temperature=0 is greedy (top_k/top_p are moot) and returns the untempered log-softmax of the argmax."""
+    logits = logits.float()  # fp32: log-probs in bf16 are too coarse for PPO's ratio exp(new - old)
+    if temperature == 0:
+        tokens = logits.argmax(-1)  # (B,)
+        return tokens, F.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        # Nucleus sampling (Holtzman et al. 2020): keep the smallest set of top tokens whose mass reaches top_p,
+        # i.e. drop a token when the tokens ranked above it already reach top_p. The top token is always kept.
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        sorted_probs = sorted_logits.softmax(-1)
+        is_dropped_sorted = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        is_dropped = is_dropped_sorted.scatter(-1, order, is_dropped_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(is_dropped, float("-inf"))
+    logprobs = F.log_softmax(logits, dim=-1)  # (B, V), renormalised over the kept tokens
+    # Gumbel-max trick: argmax(log p - log E) with E ~ Exp(1) is a draw from p. Unlike torch.multinomial it never
+    # syncs with the host on CUDA (gpt-fast samples the same way), and it draws from our explicit generator.
+    noise = torch.empty_like(logprobs).exponential_(generator=generator)
+    tokens = (logprobs - noise.log()).argmax(-1)  # (B,)
+    return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
+
+def left_pad(prompts, width, pad_id):
+    """Ragged token lists -> tokens (B, width) long, is_real (B, width) bool, prompts right-aligned at prompt_len."""
+    P = max(map(len, prompts))
+    tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    is_real = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for i, prompt in enumerate(prompts):  # on the host, once per call; moved to the device in one copy each
+        tokens[i, P - len(prompt):P] = torch.tensor(prompt, dtype=torch.long)
+        is_real[i, P - len(prompt):P] = True
+    return tokens, is_real
+
+@torch.no_grad()  # not inference_mode: PPO feeds these tensors to forwards that do need grad
+def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, eos_id=None,
+             generator=None, on_token=None):
+    """Sample max_new_tokens after each prompt (a list of token-id lists, ragged) and return a Generation.
+    A row that emits eos_id is finished: its later tokens are padding (pad id = eos_id) and masked out.
+    generator must live on the model's device. on_token(tokens (B,), is_real (B,)), if given, is called after
+    every step (chat mode streams with it). Runs under the caller's autocast, if any."""
+    B, N, block_size = len(prompts), max_new_tokens, model.config.block_size
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty; start it with at least one token (e.g. end-of-text)")
+        if len(prompt) + N > block_size:
+            raise ValueError(f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={N} that exceeds "
+                             f"the model's context of {block_size} tokens")
+    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+        raise ValueError(f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+    P = max(map(len, prompts))
+    device = next(model.parameters()).device
+    pad_id = eos_id if eos_id is not None else 0
+    tokens, attention_mask = (t.to(device) for t in left_pad(prompts, P + N, pad_id))  # (B, P+N) each
+    logprobs = torch.zeros(B, N, device=device)  # (B, N) float32
+    # One cache for the whole call, static shapes. It stores keys/values in the dtype attention computes in:
+    # autocast's when the caller enabled it, else the weights'.
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
+        else next(model.parameters()).dtype
+    cache = KVCache(model.config, B, P + N, device, dtype)
+    slots = torch.arange(P + N, device=device)  # (P+N,) slot s of the cache holds token s
+    is_finished = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
+    was_training = model.training
+    model.eval()
+    try:
+        # Prefill: all prompts in one forward, filling cache slots 0..P-1. Response slots are still False in the
+        # mask, so they are invisible until written. Only the last position's logits predict the first token.
+        logits = model(tokens[:, :P], attention_mask=attention_mask, cache=cache, slots=slots[:P])[:, -1]  # (B, V)
+        for t in range(N):
+            next_tokens, next_logprobs = sample_next(logits, temperature, top_k, top_p, generator)  # (B,), (B,)
+            is_real = ~is_finished  # decided before this token, so the end-of-text itself is real
+            tokens[:, P + t] = torch.where(is_real, next_tokens, pad_id)
+            logprobs[:, t] = torch.where(is_real, next_logprobs, 0.0)
+            attention_mask[:, P + t] = is_real
+            if eos_id is not None:
+                is_finished = is_finished | (next_tokens == eos_id)
+            if on_token is not None:
+                on_token(tokens[:, P + t], is_real)
+            # sync point: every 16 steps we ask the host whether all rows are done, rather than every token.
+            if t == N - 1 or (eos_id is not None and t % 16 == 15 and bool(is_finished.all())):
+                break  # the remaining columns already hold padding with a False mask
+            # Decode: feed the token just sampled into cache slot P+t; finished rows feed padding, masked out.
+            logits = model(tokens[:, P + t:P + t + 1], attention_mask=attention_mask, cache=cache,
+                           slots=slots[P + t:P + t + 1])[:, -1]  # (B, V)
+    finally:
+        model.train(was_training)
+    return Generation(tokens, attention_mask, attention_mask[:, P:], logprobs, P)
+
+@torch.no_grad()
+def best_of_n(policy, reward_model, prompts, n, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None,
+              eos_id=None, generator=None):
+    """Best-of-n (rejection sampling against a reward model, as in WebGPT, Nakano et al. 2021 §3; InstructGPT
+    itself does not use it): sample n responses per prompt, score each with the reward model at its last real
+    token, keep the best. Returns (responses, scores): one token list per prompt without the end-of-text,
+    and the chosen responses' scores (B,)."""
+    repeated = [prompt for prompt in prompts for _ in range(n)]  # rows i*n .. i*n+n-1 belong to prompt i
+    gen = generate(policy, repeated, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   eos_id=eos_id, generator=generator)
+    scores = last_token_scores(reward_model(gen.tokens, attention_mask=gen.attention_mask), gen.attention_mask)
+    best_scores, best = scores.float().view(len(prompts), n).max(1)  # (B,), (B,)
+    rows = torch.arange(len(prompts), device=best.device) * n + best  # (B,)
+    return [strip_eos(r, m, eos_id) for r, m in zip(gen.responses[rows], gen.response_mask[rows])], best_scores
+
+def strip_eos(response, response_mask, eos_id):
+    """One row's response (N,) and mask (N,) -> its real tokens as a list, without the end-of-text."""
+    ids = response[response_mask].tolist()  # sync point: once per row, after generation
+    return ids[:-1] if ids and ids[-1] == eos_id else ids
+
+# ----------------------------------------------------------------------------- the CLI
+
+@dataclass
+class Config:
+    ckpt: str = "out/sft"             # the policy: a run folder or its ckpt.pt
+    init: str = ""                    # sample from OpenAI's weights instead: gpt2, gpt2-medium, ... or a HF folder
+    prompt: str = "Write a happy story about a green frog.\n"  # text, FILE:path, or empty (see the docstring)
+    num_samples: int = 4              # samples per prompt
+    max_new_tokens: int = 200
+    temperature: float = 1.0          # 0 = greedy
+    top_k: Optional[int] = None       # keep only the k most likely tokens
+    top_p: Optional[float] = None     # nucleus sampling: keep the top tokens holding this much probability
+    seed: int = 1337
+    device: str = "auto"              # auto = cuda > mps > cpu
+    dtype: str = "auto"               # auto = bfloat16 on CUDA that supports it, else float32
+    batch_size: int = 64              # sequences per generate() call
+    chat: bool = False                # interactive: the conversation so far is the prompt; tokens stream as sampled
+    best_of: int = 1                  # > 1: sample this many per prompt, print the one the reward model likes most
+    reward: str = "out/rm"            # the reward model for --best_of
+    compare: str = ""                 # a second checkpoint: same prompts and seed, printed next to the first
+
+def main(cfg: Config) -> dict:
+    device, _, ctx = setup_device(cfg.device, cfg.dtype)
+    source = cfg.init or cfg.ckpt
+    policy, ckpt = load_model(source, kind="policy")
+    tok = get_tokenizer(ckpt["tokenizer"])
+    generator = torch.Generator(device=device)
+    sampling = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, eos_id=tok.eot_token)
+    if cfg.chat:
+        return chat(policy.to(device), tok, cfg, sampling, generator.manual_seed(cfg.seed), ctx)
+    texts = [cfg.prompt]
+    if cfg.prompt.startswith("FILE:"):
+        path = cfg.prompt.removeprefix("FILE:")
+        if path.endswith(".jsonl"):
+            texts = [row["prompt"] for row in read_jsonl(path, ["prompt"])]
+        else:
+            with open(path, encoding="utf-8") as f:
+                texts = [f.read()]
+    prompts = [tok.encode_ordinary(text) if text else [tok.eot_token] for text in texts]
+    decode = lambda ids: tok.decode(ids, errors="replace")  # noqa: E731
+    if cfg.best_of > 1:
+        reward_model, rm_ckpt = load_model(cfg.reward, kind="reward")
+        if rm_ckpt["tokenizer"] != ckpt["tokenizer"]:
+            raise ValueError(f"{cfg.reward}: tokenizer {rm_ckpt['tokenizer']!r} differs from {source}'s "
+                             f"{ckpt['tokenizer']!r}")
+        policy, reward_model = policy.to(device), reward_model.to(device)
+        samples, per_call = {source: []}, max(1, cfg.batch_size // cfg.best_of)  # prompts per generate() call
+        generator.manual_seed(cfg.seed)
+        for i in range(0, len(prompts), per_call):
+            with ctx:
+                responses, scores = best_of_n(policy, reward_model, prompts[i:i + per_call], cfg.best_of,
+                                              cfg.max_new_tokens, generator=generator, **sampling)
+            for text, response, score in zip(texts[i:], responses, scores.tolist()):  # sync point: printing
+                samples[source].append(decode(response))
+                print(f"{'-' * 40} best of {cfg.best_of}, reward {score:+.3f}\n{text}{samples[source][-1]}")
+        return {"samples": samples}
+    # Plain sampling, from one model or two. Each gets the same seed, so differences come from the weights.
+    models = {source: policy} | ({cfg.compare: load_model(cfg.compare, kind="policy")[0]} if cfg.compare else {})
+    rows = [prompt for prompt in prompts for _ in range(cfg.num_samples)]  # row r is prompt r // num_samples
+    samples = {}
+    for name, model in models.items():
+        model, samples[name] = model.to(device), []
+        generator.manual_seed(cfg.seed)
+        for i in range(0, len(rows), cfg.batch_size):
+            with ctx:
+                gen = generate(model, rows[i:i + cfg.batch_size], cfg.max_new_tokens, generator=generator,
+                               **sampling)
+            samples[name] += [decode(strip_eos(r, m, tok.eot_token)) for r, m in zip(gen.responses,
+                                                                                      gen.response_mask)]
+        model.cpu()  # free the device for the next model
+    for r in range(len(rows)):
+        print(f"{'=' * 40} prompt {r // cfg.num_samples}, sample {r % cfg.num_samples}\n{texts[r // cfg.num_samples]}")
+        for name in models:
+            print(f"{'-' * 20} {name}\n{samples[name][r]}" if len(models) > 1 else samples[name][r])
+    return {"samples": samples}
+
+def chat(model, tok, cfg, sampling, generator, ctx):
+    """Interactive loop. The conversation so far (your lines, each with its newline, and the model's replies
+    without their end-of-text) is one prompt, cut from the left to leave room for max_new_tokens."""
+    print("chat: type a message; an empty line or Ctrl-D ends the chat")
+    history, turns = [], 0
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line:
+            break
+        history += tok.encode_ordinary(line + "\n")
+        reply, decoder = [], codecs.getincrementaldecoder("utf-8")(errors="replace")  # bytes may split characters
+
+        def stream(next_tokens, is_real):  # (1,), (1,)
+            token, real = next_tokens.item(), is_real.item()  # sync point: chat streams every token as it comes
+            if real and token != tok.eot_token:
+                reply.append(token)
+                print(decoder.decode(tok.decode_single_token_bytes(token)), end="", flush=True)
+        with ctx:
+            generate(model, [history[-(model.config.block_size - cfg.max_new_tokens):]], cfg.max_new_tokens,
+                     generator=generator, on_token=stream, **sampling)
+        print(decoder.decode(b"", final=True))
+        history, turns = history + reply, turns + 1
+    return {"turns": turns}
+
+if __name__ == "__main__":
+    main(parse_config(Config))

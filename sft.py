@@ -1,0 +1,198 @@
+"""
+Step 1 of InstructGPT (Ouyang et al. 2022, §3.5 "Supervised fine-tuning"): next-token training.
+Two modes share one loop:
+  - pretrain: {"text"} rows, loss on every token (this is how we make the "base model" for the built-in task);
+  - sft:      {"prompt", "response"} rows, loss on response tokens only. The prompt is context, not something
+              to imitate, and the response ends with end-of-text, which is in the loss, so the model learns to stop.
+    python sft.py --mode=pretrain --data=data/stories/pretrain_train.jsonl --out_dir=out/base
+    python sft.py --init=out/base --data=data/stories/sft_train.jsonl --out_dir=out/sft
+"""
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common import (get_lr, get_tokenizer, load_checkpoint, log, parse_config, read_jsonl, save_checkpoint,
+                    set_seed, setup_device)
+from model import GPT, GPTConfig, load_model
+
+@dataclass
+class Config:
+    out_dir: str = "out/sft"
+    mode: str = "sft"                 # "sft" (loss on responses) or "pretrain" (loss on every token)
+    data: str = "data/stories/sft_train.jsonl"
+    val_data: str = ""                # default: data with _train replaced by _val
+    init: str = "scratch"             # "scratch", a GPT-2 name (gpt2, gpt2-medium, ...) or a checkpoint / run folder
+    tokenizer: str = "bytes"          # only for init=scratch; otherwise the checkpoint says which
+    # model shape, only for init=scratch (the built-in task's small byte-level GPT)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 256
+    dropout: float = 0.0
+    # optimisation
+    batch_size: int = 32
+    grad_accum: int = 1               # micro-batches per step: effective batch = batch_size * grad_accum
+    max_steps: int = 600
+    lr: float = 1e-3                  # peak lr; use ~1e-5 to fine-tune GPT-2 (InstructGPT SFT: 9.65e-6 for 1.3B)
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1         # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_interval: int = 100
+    eval_batches: int = 8
+    seed: int = 1337
+    resume: bool = False              # continue from out_dir/ckpt.pt (same data order, same optimizer state)
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+
+# ----------------------------------------------------------------------------- data: the response-only mask
+
+def encode_example(tokenizer, prompt, response, block_size):
+    """Tokens of prompt + response + <|endoftext|>, and how many of them are prompt. encode_ordinary keeps any
+    literal "<|endoftext|>" in the data as text. Too long? Keep the end: the response and the recent context."""
+    prompt_ids = tokenizer.encode_ordinary(prompt)
+    tokens = prompt_ids + tokenizer.encode_ordinary(response) + [tokenizer.eot_token]
+    n_cut = max(0, len(tokens) - (block_size + 1))  # +1: inputs and targets are shifted copies
+    return tokens[n_cut:], max(0, len(prompt_ids) - n_cut)
+
+def load_examples(path, mode, tokenizer, block_size):
+    """(tokens, n_prompt) per example. Pretraining text has no prompt and is cut into context-sized chunks."""
+    if mode == "pretrain":
+        examples = []
+        for row in read_jsonl(path, ["text"]):
+            tokens = tokenizer.encode_ordinary(row["text"]) + [tokenizer.eot_token]
+            examples += [(tokens[i:i + block_size + 1], 0) for i in range(0, len(tokens), block_size + 1)]
+        return examples
+    if mode == "sft":
+        return [encode_example(tokenizer, r["prompt"], r["response"], block_size)
+                for r in read_jsonl(path, ["prompt", "response"])]
+    raise ValueError(f"--mode={mode}: expected 'sft' or 'pretrain'")
+
+def make_batch(examples, pad_id):
+    """Right-pad a list of (tokens, n_prompt) into inputs x (B, T) and targets y (B, T). A target is -1 (ignored)
+    when it is a prompt token or padding. Padding is found by position, never by token id: pad_id may equal EOS,
+    and the EOS that ends a response must stay in the loss."""
+    T = max(len(tokens) for tokens, _ in examples) - 1
+    x = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    y = torch.full((len(examples), T), -1, dtype=torch.long)
+    for i, (tokens, n_prompt) in enumerate(examples):
+        seq = torch.tensor(tokens)
+        x[i, :len(seq) - 1] = seq[:-1]
+        y[i, :len(seq) - 1] = seq[1:]
+        y[i, :max(0, n_prompt - 1)] = -1  # y[t] predicts token t+1: targets before the first response token are prompt
+    return x, y
+
+def lm_loss(model, x, y):
+    """Mean next-token cross-entropy over the targets that are not -1: (B, T), (B, T) -> ()."""
+    logits = model(x)  # (B, T, V); right padding needs no attention mask under causal attention
+    return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.view(-1), ignore_index=-1)
+
+# ----------------------------------------------------------------------------- config -> data -> model -> loop -> save
+
+def main(cfg: Config) -> dict:
+    set_seed(cfg.seed)
+    device, dtype, ctx = setup_device(cfg.device, cfg.dtype, cfg.compile)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+
+    # -- model: from scratch, from GPT-2, or from an earlier stage's checkpoint
+    resume_ckpt = load_checkpoint(ckpt_path, "policy") if cfg.resume else None
+    if resume_ckpt is not None:
+        model, tokenizer_name = GPT.from_checkpoint(resume_ckpt, ckpt_path), resume_ckpt["tokenizer"]
+    elif cfg.init == "scratch":
+        tokenizer_name = cfg.tokenizer
+        model = GPT(GPTConfig(block_size=cfg.block_size, vocab_size=get_tokenizer(cfg.tokenizer).n_vocab,
+                              n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
+    else:
+        model, init_ckpt = load_model(cfg.init, kind="policy")
+        tokenizer_name = init_ckpt["tokenizer"]
+    tokenizer = get_tokenizer(tokenizer_name)
+    model.to(device).train()
+    print(f"model: {model.num_params():,} parameters | tokenizer {tokenizer_name} | context {model.config.block_size}")
+
+    # -- data
+    val_path = cfg.val_data or cfg.data.replace("_train", "_val")
+    train = load_examples(cfg.data, cfg.mode, tokenizer, model.config.block_size)
+    val = load_examples(val_path, cfg.mode, tokenizer, model.config.block_size) if os.path.exists(val_path) else []
+    print(f"data: {len(train):,} train / {len(val):,} val examples ({cfg.mode}) from {cfg.data}")
+    # Data order comes from one seeded generator whose state is checkpointed, so --resume replays the same batches.
+    data_rng = torch.Generator().manual_seed(cfg.seed)
+
+    def get_batch(examples, generator):
+        idx = torch.randint(len(examples), (cfg.batch_size,), generator=generator)
+        x, y = make_batch([examples[i] for i in idx], tokenizer.eot_token)
+        return x.to(device), y.to(device)
+
+    # -- optimizer (and the state we resume from)
+    optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay)
+    step, best_val_loss = 0, float("inf")
+    if resume_ckpt is not None:
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        data_rng.set_state(resume_ckpt["data_rng"])
+        step, best_val_loss = resume_ckpt["step"], resume_ckpt["best_val_loss"]
+        print(f"resumed from {ckpt_path} at step {step}")
+    train_model = torch.compile(model) if cfg.compile else model  # compile wraps the training forward only
+
+    @torch.no_grad()
+    def estimate_val_loss():
+        model.eval()
+        eval_rng = torch.Generator().manual_seed(cfg.seed + 1)  # the same val batches at every eval
+        losses = []
+        for _ in range(cfg.eval_batches):
+            x, y = get_batch(val, eval_rng)
+            with ctx:
+                losses.append(lm_loss(model, x, y).item())  # sync point: eval only
+        model.train()
+        return sum(losses) / len(losses)
+
+    def save():  # everything --resume needs: weights, optimizer, data order, step
+        save_checkpoint(ckpt_path, {
+            "kind": "policy", "model_config": asdict(model.config), "model": model.state_dict(),
+            "tokenizer": tokenizer_name, "step": step, "config": asdict(cfg), "best_val_loss": best_val_loss,
+            "optimizer": optimizer.state_dict(), "data_rng": data_rng.get_state()})
+
+    # -- the training loop
+    train_loss = float("nan")
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.mode, dynamic_ncols=True)
+    while step < cfg.max_steps:
+        t0 = time.time()
+        lr = get_lr(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        n_tokens = 0
+        for _ in range(cfg.grad_accum):
+            x, y = get_batch(train, data_rng)
+            with ctx:
+                loss = lm_loss(train_model, x, y) / cfg.grad_accum
+            loss.backward()
+            n_tokens += (y != -1).sum()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+
+        train_loss = loss.item() * cfg.grad_accum  # sync point: one per step, for the log
+        dt = time.time() - t0
+        record = {"step": step, "train/loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
+                  "tokens_per_s": int(n_tokens) / dt}
+        bar.set_postfix_str(f"loss {train_loss:.3f} | lr {lr:.1e} | {dt * 1000:.0f}ms")
+        if val and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
+            record["val/loss"] = val_loss = estimate_val_loss()
+            tqdm.write(f"step {step}/{cfg.max_steps} | train loss {train_loss:.3f} | val loss {val_loss:.3f}")
+            # Keep the best model by validation loss; it carries everything --resume needs.
+            if val_loss < best_val_loss:
+                best_val_loss = val_loss
+                save()
+        log(cfg.out_dir, record)
+    bar.close()
+    if not val:  # no validation file: the last model is the one we keep
+        save()
+    return {"best_val_loss": best_val_loss, "train_loss": train_loss, "step": step}
+
+if __name__ == "__main__":
+    main(parse_config(Config))
