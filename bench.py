@@ -4,8 +4,8 @@ a naive loop that re-runs the whole sequence for every new token (no cache), and
 GPT2LMHeadModel.generate with the same weights. Random weights, ragged prompts of 32-64 tokens, sampling at
 temperature 1 with no end-of-text, so every method makes exactly the same number of tokens.
 Throughput = new tokens / wall time of the whole call (prefill included), summed over the batch.
-    python bench.py            # GPT-2-small shape and a small model, batch 1, 8, 32 (~4 min on 2 CPU cores)
-    python bench.py --quick    # the small model only, fewer tokens (~20 s)
+    python bench.py            # GPT-2-small shape and a small model, batch 1, 8, 32 (~6 min on 2 CPU cores)
+    python bench.py --quick    # the small model only, 32 new tokens (~10 s)
 """
 import time
 from dataclasses import dataclass
@@ -24,6 +24,7 @@ class Config:
     naive_new_tokens: int = 16   # the naive loop's cost grows ~quadratically: on GPT-2-small at batch >= 8 it and
                                  # our cache are both timed at this many tokens (the ratio shown is at that length)
     batch_sizes: str = "1,8,32"
+    threads: int = 0             # torch CPU threads, 0 = torch's default; 1 is faster when other jobs share the cores
     seed: int = 1337
 
 MODELS = {  # name -> shape
@@ -49,7 +50,8 @@ def to_hf(model):
     c = model.config
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
                                     n_layer=c.n_layer, n_head=c.n_head, layer_norm_epsilon=c.ln_eps, resid_pdrop=0,
-                                    embd_pdrop=0, attn_pdrop=0, activation_function="gelu_new"))
+                                    embd_pdrop=0, attn_pdrop=0, activation_function="gelu_new",
+                                    bos_token_id=None, eos_token_id=None))
     conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
     ours = {k: v.t() if k.endswith(conv1d) else v for k, v in model.state_dict().items()}
     missing, unexpected = hf.load_state_dict(ours, strict=False)
@@ -78,6 +80,9 @@ def throughput(fn, model, prompts, new_tokens, device, seed):
 
 def main(cfg: Config) -> dict:
     device, _, _ = setup_device(cfg.device, "float32")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    print(f"torch {torch.__version__} | {torch.get_num_threads()} CPU threads | ragged prompts of 32-64 tokens")
     try:
         import transformers  # noqa: F401  (test-only dependency: the HF column is skipped without it)
         has_hf = True

@@ -66,7 +66,9 @@ def load_examples(path, mode, tokenizer, block_size):
         examples = []
         for row in read_jsonl(path, ["text"]):
             tokens = tokenizer.encode_ordinary(row["text"]) + [tokenizer.eot_token]
-            examples += [(tokens[i:i + block_size + 1], 0) for i in range(0, len(tokens), block_size + 1)]
+            # Chunks start every block_size tokens and so overlap by one: a chunk's last token is the next one's
+            # first input, and every token after the first is a target exactly once (a chunk needs two tokens).
+            examples += [(tokens[i:i + block_size + 1], 0) for i in range(0, len(tokens) - 1, block_size)]
         return examples
     if mode == "sft":
         return [encode_example(tokenizer, r["prompt"], r["response"], block_size)

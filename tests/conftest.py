@@ -59,3 +59,14 @@ def gpt2_tokenizer():
     tokenizer = common.get_tokenizer("gpt2")
     assert tokenizer.encode("Hello world") == [15496, 995], "the cached GPT-2 vocabulary is not GPT-2's"
     return tokenizer
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models run fastest on one thread: on two busy cores, OpenMP's threads wait on each other (a 12-step
+    SFT run took 0.15 s on one thread and 10 s on two). No result depends on the thread count."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

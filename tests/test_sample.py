@@ -125,3 +125,23 @@ def test_cli_samples_compares_and_picks_best_of_n_from_a_checkpoint(tmp_path, ca
     cfg.compare, cfg.best_of, cfg.reward = "", 3, str(tmp_path / "reward")
     assert len(sample.main(cfg)["samples"][cfg.ckpt]) == 1
     assert "best of 3, reward" in capsys.readouterr().out
+
+def test_chat_streams_the_same_text_generate_returns(tmp_path, capsys, monkeypatch):
+    """Chat mode prints each token as it is sampled; the streamed reply is exactly the text generate() returns
+    for the conversation so far (the typed line plus its newline). Ctrl-D (EOFError) ends the chat."""
+    model = tiny_model()
+    save_checkpoint(str(tmp_path / "ckpt.pt"), dict(kind="policy", model_config=asdict(model.config),
+                    model=model.state_dict(), tokenizer="bytes", step=0, config={}))
+    lines = ["Once upon"]
+    def fake_input(prompt=""):
+        if not lines:
+            raise EOFError
+        return lines.pop(0)
+    monkeypatch.setattr("builtins.input", fake_input)
+    cfg = sample.Config(ckpt=str(tmp_path), chat=True, max_new_tokens=20, device="cpu", dtype="float32")
+    assert sample.main(cfg) == {"turns": 1}
+    tok = sample.get_tokenizer("bytes")
+    gen = sample.generate(model, [tok.encode_ordinary("Once upon\n")], 20, eos_id=tok.eot_token,
+                          generator=torch.Generator().manual_seed(cfg.seed))
+    reply = tok.decode(sample.strip_eos(gen.responses[0], gen.response_mask[0], tok.eot_token), errors="replace")
+    assert capsys.readouterr().out.endswith(reply + "\n")

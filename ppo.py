@@ -1,0 +1,347 @@
+"""
+Step 3 of InstructGPT (Ouyang et al. 2022, §3.5 "Reinforcement learning"): PPO against the reward model, with a
+per-token KL penalty to the frozen SFT model, and optionally the pretraining loss mixed in ("PPO-ptx", eq. (2)).
+Four models: the policy π (trained, from SFT), the reference π_ref (frozen SFT), the reward model r (frozen), and
+the value model V (trained, initialised from the reward model as in the paper). One iteration:
+  rollout (sample.generate) -> score (RM, EOS trick) -> rewards (score - β·KL per token) -> GAE -> PPO epochs.
+Evaluation generates from π and from the SFT model on val prompts and writes out/<run>/eval.json.
+    python ppo.py --sft=out/sft --reward=out/rm --prompts=data/stories/prompts_train.jsonl --out_dir=out/ppo
+
+Shape letters: B rollouts per iteration, P (padded) prompt length, R response length, V vocab.
+How ours differs from the paper: InstructGPT's β is fixed at 0.02; ours defaults to the adaptive controller of
+Ziegler et al. (2019), because the right β depends on the reward model's scale, which for our tiny RM is not theirs.
+"""
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common import (get_tokenizer, load_checkpoint, load_labeler, log, parse_config, read_jsonl, save_checkpoint,
+                    set_seed, setup_device)
+from model import GPT, load_model, token_logprobs
+from reward import score
+from sample import generate, strip_eos
+from sft import lm_loss, load_examples, make_batch
+
+@dataclass
+class Config:
+    out_dir: str = "out/ppo"
+    sft: str = "out/sft"               # the SFT policy: initialises π and is the frozen reference π_ref
+    reward: str = "out/rm"             # the reward model: scores rollouts, and initialises the value model
+    prompts: str = "data/stories/prompts_train.jsonl"
+    val_prompts: str = ""              # default: prompts with _train replaced by _val
+    # rollouts
+    n_iters: int = 60                  # PPO iterations (each: one batch of rollouts, then ppo_epochs of updates)
+    batch_size: int = 64               # rollouts per iteration
+    max_new_tokens: int = 120          # responses longer than this are cut, and get no_eos_score
+    temperature: float = 0.7           # sampling temperature; the log-probs are recomputed at the same one
+    # the reward
+    init_kl_coef: float = 0.05         # β (InstructGPT: 0.02, fixed)
+    adaptive_kl: bool = True           # adapt β toward target_kl (Ziegler et al. 2019 §2.2)
+    target_kl: float = 3.0             # nats per sequence
+    kl_horizon: int = 2000             # how fast β adapts (in rollouts)
+    no_eos_score: float = -3.0         # N+ details: a response that never ends gets this instead of the RM's score
+    whiten_rewards: bool = False       # N+ details: whiten the RM scores per batch (off: our RM is already centred)
+    # PPO
+    ppo_epochs: int = 4
+    n_minibatches: int = 4
+    lr: float = 3e-5
+    gamma: float = 1.0                 # no discounting within a response, as in the N+ details and trl
+    lam: float = 0.95                  # GAE λ
+    cliprange: float = 0.2             # PPO's ε for the policy ratio
+    cliprange_value: float = 0.2       # and for the value function
+    vf_coef: float = 0.1
+    grad_clip: float = 1.0
+    # PPO-ptx (InstructGPT eq. (2)): γ × the pretraining loss added to the policy loss
+    ptx_coef: float = 0.0
+    ptx_data: str = "data/stories/pretrain_train.jsonl"
+    ptx_batch_size: int = 16
+    # evaluation and plumbing
+    eval_interval: int = 20
+    n_eval: int = 200                  # val prompts used for evaluation
+    save_interval: int = 10
+    seed: int = 1337
+    resume: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+
+# ----------------------------------------------------------------------------- the math (tests import these)
+
+def masked_mean(x, mask, dim=None):
+    """Mean of x over the True entries of mask. An empty mask gives 0, not NaN (nanochat #590)."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+def masked_whiten(x, mask, shift_mean=True):
+    """Normalise x to zero mean and unit variance over the real tokens only (padding must not move the stats)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    return (whitened if shift_mean else whitened + mean) * mask
+
+def compute_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef):
+    """InstructGPT eq. (2) as a per-token reward: r_t = -β (log π(a_t) - log π_ref(a_t)) at every token, plus the
+    RM's score on the last real token. (B,), (B, R), (B, R), (B, R) -> rewards (B, R), kl (B, R)."""
+    kl = (logprobs - ref_logprobs) * response_mask
+    rewards = -kl_coef * kl
+    last = (response_mask.sum(1) - 1).clamp(min=0)  # (B,) index of the last real token (EOS, or the cut-off end)
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards * response_mask, kl
+
+def compute_gae(rewards, values, response_mask, gamma, lam):
+    """Generalised advantage estimation (Schulman et al. 2016, eq. (16)), backwards over the response:
+    δ_t = r_t + γ V(s_{t+1}) - V(s_t),  A_t = δ_t + γλ A_{t+1}; the value after the last real token is 0.
+    (B, R) each -> advantages (B, R), returns (B, R) = A + V (the value targets)."""
+    values = values * response_mask  # no bootstrapping from padding
+    advantages = torch.zeros_like(rewards)
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    R = rewards.shape[1]
+    for t in reversed(range(R)):
+        next_value = values[:, t + 1] if t + 1 < R else torch.zeros_like(values[:, t])
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = next_advantage
+    advantages = advantages * response_mask
+    return advantages, advantages + values
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. (7)), as a loss to minimise, plus stats."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    losses = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange))
+    clipfrac = masked_mean((ratio - 1).abs() > cliprange, mask)
+    approxkl = 0.5 * masked_mean((logprobs - old_logprobs) ** 2, mask)
+    return masked_mean(losses, mask), clipfrac, approxkl
+
+def value_loss(values, old_values, returns, mask, cliprange_value):
+    """Clipped value loss (as in OpenAI's baselines and the N+ details): the new value may move at most
+    cliprange_value from the rollout's value before the loss stops rewarding the move."""
+    values_clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+    losses = torch.max((values - returns) ** 2, (values_clipped - returns) ** 2)
+    clipfrac = masked_mean((values - returns) ** 2 < (values_clipped - returns) ** 2, mask)
+    return 0.5 * masked_mean(losses, mask), clipfrac
+
+def response_logprobs(model, tokens, attention_mask, P, temperature):
+    """log π(a_t) of each response token at the rollout's temperature (N+ details: recomputing at another
+    temperature than the one sampled at silently changes the ratio). Returns (B, R) and the logits (B, R, V)."""
+    logits = model(tokens, attention_mask=attention_mask)[:, P - 1:-1].float() / temperature  # (B, R, V)
+    return token_logprobs(logits, tokens[:, P:]), logits
+
+# ----------------------------------------------------------------------------- evaluation
+
+def win_rate(a, b):
+    """Share of pairs where a beats b, ties counting half: (N,), (N,) -> float."""
+    return ((a > b).float() + 0.5 * (a == b).float()).mean().item() if len(a) else float("nan")
+
+@torch.no_grad()
+def evaluate(policy, sft_policy, reward_model, tokenizer, prompts, labeler, cfg, ctx):
+    """Generate from π and from the SFT model with the same settings and seed, and compare them: by the RM, by the
+    labeler (the gold judge, built-in task only), and by KL. Returns eval.json's dict and the sample texts."""
+    device = next(policy.parameters()).device
+    prompt_ids = [tokenizer.encode_ordinary(p) for p in prompts]
+    result, texts, rm_scores, gold = {"n_prompts": len(prompts)}, {}, {}, {}
+    for name, model in (("ppo", policy), ("sft", sft_policy)):
+        generator = torch.Generator(device=device).manual_seed(cfg.seed + 12345)  # the same draws for both models
+        with ctx:
+            out = generate(model, prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature,
+                           eos_id=tokenizer.eot_token, generator=generator)
+            rm_scores[name] = score(reward_model, out.tokens, out.attention_mask).float().cpu()
+            if name == "ppo":  # KL(π || π_sft) on π's own samples, summed over tokens, averaged over prompts
+                sft_logprobs, _ = response_logprobs(sft_policy, out.tokens, out.attention_mask, out.prompt_len,
+                                                    cfg.temperature)
+                kl = ((out.logprobs - sft_logprobs) * out.response_mask).sum(1)
+                result["kl_ppo_sft"] = kl.mean().item()  # sync point: eval only
+        texts[name] = [tokenizer.decode(strip_eos(r, m, tokenizer.eot_token), errors="replace")
+                       for r, m in zip(out.tokens[:, out.prompt_len:], out.response_mask)]
+        result[f"rm_score_{name}"] = rm_scores[name].mean().item()
+        if labeler is not None:
+            gold[name] = torch.tensor([labeler.score(p, t) for p, t in zip(prompts, texts[name])])
+            result[f"labeler_score_{name}"] = gold[name].mean().item()
+        else:
+            result[f"labeler_score_{name}"] = None
+    result["win_rate_rm"] = win_rate(rm_scores["ppo"], rm_scores["sft"])
+    result["win_rate_labeler"] = win_rate(gold["ppo"], gold["sft"]) if labeler else None
+    is_heldout = torch.tensor([bool(labeler.is_heldout(p)) for p in prompts]) if labeler else None
+    result["heldout_win_rate_labeler"] = (win_rate(gold["ppo"][is_heldout], gold["sft"][is_heldout])
+                                          if labeler and is_heldout.any() else None)
+    return result, texts
+
+# ----------------------------------------------------------------------------- config -> data -> models -> loop -> save
+
+def main(cfg: Config) -> dict:
+    set_seed(cfg.seed)
+    device, dtype, ctx = setup_device(cfg.device, cfg.dtype, cfg.compile)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+
+    # -- the four models
+    ref_policy, sft_ckpt = load_model(cfg.sft, kind="policy")
+    policy, _ = load_model(cfg.sft, kind="policy")
+    reward_model, rm_ckpt = load_model(cfg.reward, kind="reward")
+    value_model = GPT.from_checkpoint(rm_ckpt, cfg.reward)  # InstructGPT §3.5: the value function starts as the RM
+    if rm_ckpt["tokenizer"] != sft_ckpt["tokenizer"]:
+        raise ValueError(f"{cfg.reward}: tokenizer {rm_ckpt['tokenizer']} differs from {cfg.sft}'s "
+                         f"{sft_ckpt['tokenizer']}")
+    tokenizer = get_tokenizer(sft_ckpt["tokenizer"])
+    for model in (ref_policy, reward_model):
+        model.to(device).eval().requires_grad_(False)
+    # dropout is 0 in every model (N+ details), so train() and eval() compute the same log-probs
+    policy.to(device).train()
+    value_model.to(device).train()
+
+    # -- data
+    prompts = [r["prompt"] for r in read_jsonl(cfg.prompts, ["prompt"])]
+    val_path = cfg.val_prompts or cfg.prompts.replace("_train", "_val")
+    val_prompts = [r["prompt"] for r in read_jsonl(val_path, ["prompt"])][:cfg.n_eval]
+    too_long = [i for i, p in enumerate(prompts) if len(tokenizer.encode_ordinary(p)) + cfg.max_new_tokens >
+                policy.config.block_size]
+    if too_long:
+        raise ValueError(f"{cfg.prompts}:{too_long[0] + 1}: prompt leaves no room for {cfg.max_new_tokens} new "
+                         f"tokens in a {policy.config.block_size}-token context ({len(too_long):,} such prompts)")
+    ptx = load_examples(cfg.ptx_data, "pretrain", tokenizer, policy.config.block_size) if cfg.ptx_coef > 0 else []
+    labeler = load_labeler(val_path)
+    print(f"data: {len(prompts):,} train / {len(val_prompts):,} val prompts"
+          + (f", {len(ptx):,} pretraining chunks for PPO-ptx" if ptx else "") + (", labeler found" if labeler else ""))
+
+    # -- optimizer and the state we resume from. One Adam over π and V: their losses are added (vf_coef weighs V).
+    optimizer = torch.optim.AdamW(list(policy.parameters()) + list(value_model.parameters()), lr=cfg.lr,
+                                  eps=1e-5, weight_decay=0.0)
+    prompt_rng = torch.Generator().manual_seed(cfg.seed)                 # which prompts, which minibatches
+    gen_rng = torch.Generator(device=device).manual_seed(cfg.seed + 1)   # the sampler's draws
+    kl_coef, start_iter = cfg.init_kl_coef, 0
+    if cfg.resume:
+        ckpt = load_checkpoint(ckpt_path, "policy")
+        policy.load_state_dict(ckpt["model"])
+        value_model.load_state_dict(ckpt["value_model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        prompt_rng.set_state(ckpt["prompt_rng"])
+        gen_rng.set_state(ckpt["gen_rng"])
+        kl_coef, start_iter = ckpt["kl_coef"], ckpt["step"]
+        print(f"resumed from {ckpt_path} at iteration {start_iter}")
+
+    def save(iteration):
+        save_checkpoint(ckpt_path, {
+            "kind": "policy", "model_config": asdict(policy.config), "model": policy.state_dict(),
+            "tokenizer": sft_ckpt["tokenizer"], "step": iteration, "config": asdict(cfg),
+            "value_model": value_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "prompt_rng": prompt_rng.get_state(), "gen_rng": gen_rng.get_state(), "kl_coef": kl_coef})
+
+    def run_eval(iteration):
+        policy.eval()
+        result, texts = evaluate(policy, ref_policy, reward_model, tokenizer, val_prompts, labeler, cfg, ctx)
+        policy.train()
+        result["iteration"] = iteration
+        with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        log(cfg.out_dir, {"step": iteration, **{f"eval/{k}": v for k, v in result.items()}})
+        tqdm.write(f"eval @ {iteration}: " + " | ".join(f"{k} {v:.3f}" for k, v in result.items()
+                                                        if isinstance(v, float)))
+        for i in range(3):  # reading samples is the best RLHF debugger
+            tqdm.write(f"  prompt: {val_prompts[i].strip()}\n    SFT: {texts['sft'][i]}\n    PPO: {texts['ppo'][i]}")
+        return result
+
+    mb_size = cfg.batch_size // cfg.n_minibatches
+    bar = tqdm(range(start_iter, cfg.n_iters), initial=start_iter, total=cfg.n_iters, desc="ppo", dynamic_ncols=True)
+    for iteration in bar:
+        t0 = time.time()
+        # ------------------------------------------------------------ 1. rollouts
+        batch_prompts = [prompts[i] for i in torch.randint(len(prompts), (cfg.batch_size,), generator=prompt_rng)]
+        policy.eval()
+        with ctx:
+            rollout = generate(policy, [tokenizer.encode_ordinary(p) for p in batch_prompts], cfg.max_new_tokens,
+                               temperature=cfg.temperature, eos_id=tokenizer.eot_token, generator=gen_rng)
+        policy.train()
+        tokens, attention_mask, P = rollout.tokens, rollout.attention_mask, rollout.prompt_len  # (B, P+R)
+        response_mask = rollout.response_mask  # (B, R) real tokens up to and including EOS
+        # ------------------------------------------------------------ 2. score, 3. rewards, 4. advantages
+        with torch.no_grad(), ctx:
+            # Recompute log π with a full forward (not the sampler's numbers) so old and new log-probs come from
+            # the same code path; at step 0 the ratio is then exactly 1.
+            old_logprobs, _ = response_logprobs(policy, tokens, attention_mask, P, cfg.temperature)  # (B, R)
+            ref_logprobs, _ = response_logprobs(ref_policy, tokens, attention_mask, P, cfg.temperature)  # (B, R)
+            old_values = value_model(tokens, attention_mask=attention_mask)[:, P - 1:-1].float()  # (B, R) V(s_t)
+            scores = score(reward_model, tokens, attention_mask).float()  # (B,) r(x, y) at the last real token
+        # N+ details "EOS trick": a response cut off before end-of-text gets a fixed low score.
+        has_eos = ((tokens[:, P:] == tokenizer.eot_token) & response_mask).any(1)  # (B,)
+        scores = torch.where(has_eos, scores, torch.full_like(scores, cfg.no_eos_score))
+        if cfg.whiten_rewards:
+            scores = (scores - scores.mean()) / (scores.std() + 1e-8)
+        rewards, kl = compute_rewards(scores, old_logprobs, ref_logprobs, response_mask, kl_coef)  # (B, R)
+        advantages, returns = compute_gae(rewards, old_values, response_mask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, response_mask)  # N+ details: whitened per batch over real tokens
+        # ------------------------------------------------------------ 5. PPO epochs over minibatches
+        stats = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approxkl", "vf_clipfrac", "entropy", "ptx")}
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(cfg.batch_size, generator=prompt_rng)
+            for start in range(0, cfg.batch_size, mb_size):
+                mb = perm[start:start + mb_size]
+                mb_mask = response_mask[mb]
+                with ctx:
+                    mb_logprobs, mb_logits = response_logprobs(policy, tokens[mb], attention_mask[mb], P,
+                                                               cfg.temperature)
+                    mb_values = value_model(tokens[mb], attention_mask=attention_mask[mb])[:, P - 1:-1].float()
+                    pg_loss, clipfrac, approxkl = policy_loss(mb_logprobs, old_logprobs[mb], advantages[mb],
+                                                              mb_mask, cfg.cliprange)
+                    vf_loss, vf_clipfrac = value_loss(mb_values, old_values[mb], returns[mb], mb_mask,
+                                                      cfg.cliprange_value)
+                    loss = pg_loss + cfg.vf_coef * vf_loss
+                    if ptx:  # PPO-ptx: keep the pretraining distribution's likelihood up (InstructGPT eq. (2))
+                        idx = torch.randint(len(ptx), (cfg.ptx_batch_size,), generator=prompt_rng)
+                        x, y = make_batch([ptx[i] for i in idx], tokenizer.eot_token)
+                        ptx_loss = lm_loss(policy, x.to(device), y.to(device))
+                        loss = loss + cfg.ptx_coef * ptx_loss
+                        stats["ptx"].append(ptx_loss.detach())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(list(policy.parameters()) + list(value_model.parameters()),
+                                               cfg.grad_clip)
+                optimizer.step()
+                with torch.no_grad():
+                    probs = F.softmax(mb_logits, dim=-1)
+                    entropy = -(probs * F.log_softmax(mb_logits, dim=-1)).sum(-1)  # (mb, R)
+                for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("clipfrac", clipfrac),
+                             ("approxkl", approxkl), ("vf_clipfrac", vf_clipfrac),
+                             ("entropy", masked_mean(entropy, mb_mask))):
+                    stats[k].append(v.detach())
+        # ------------------------------------------------------------ adaptive KL (Ziegler et al. 2019, §2.2)
+        mean_kl = kl.sum(1).mean().item()  # sync point: once per iteration
+        if cfg.adaptive_kl:
+            proportional_error = max(-0.2, min(0.2, mean_kl / cfg.target_kl - 1))
+            kl_coef *= 1 + proportional_error * cfg.batch_size / cfg.kl_horizon
+        # ------------------------------------------------------------ logging (the N+ details' metric names)
+        record = {"step": iteration + 1, "objective/kl": mean_kl, "objective/scores": scores.mean().item(),
+                  "objective/rlhf_reward": (scores - kl_coef * kl.sum(1)).mean().item(), "objective/kl_coef": kl_coef,
+                  "ppo/policy/entropy_avg": torch.stack(stats["entropy"]).mean().item(),
+                  "ppo/policy/clipfrac_avg": torch.stack(stats["clipfrac"]).mean().item(),
+                  "ppo/policy/approxkl_avg": torch.stack(stats["approxkl"]).mean().item(),
+                  "ppo/loss/policy_avg": torch.stack(stats["pg_loss"]).mean().item(),
+                  "ppo/loss/value_avg": torch.stack(stats["vf_loss"]).mean().item(),
+                  "ppo/val/clipfrac_avg": torch.stack(stats["vf_clipfrac"]).mean().item(),
+                  "ppo/val/explained_variance": (1 - masked_mean((returns - old_values) ** 2, response_mask)
+                                                 / masked_mean((returns - masked_mean(returns, response_mask)) ** 2,
+                                                               response_mask).clamp(min=1e-8)).item(),
+                  "ppo/ptx_loss": torch.stack(stats["ptx"]).mean().item() if stats["ptx"] else None,
+                  "response/length": response_mask.sum(1).float().mean().item(),
+                  "response/eos_share": has_eos.float().mean().item(), "time_s": time.time() - t0}
+        if labeler is not None:  # the gold judge's view of the same samples, which the policy never sees
+            texts = [tokenizer.decode(strip_eos(r, m, tokenizer.eot_token), errors="replace")
+                     for r, m in zip(tokens[:, P:], response_mask)]
+            record["objective/labeler_score"] = sum(map(labeler.score, batch_prompts, texts)) / len(texts)
+        bar.set_postfix_str(f"score {record['objective/scores']:+.2f} | kl {mean_kl:.2f} | β {kl_coef:.3f}"
+                            + (f" | gold {record['objective/labeler_score']:.3f}" if labeler else ""))
+        if (iteration + 1) % cfg.eval_interval == 0 or iteration + 1 == cfg.n_iters:
+            run_eval(iteration + 1)
+        log(cfg.out_dir, record)
+        if (iteration + 1) % cfg.save_interval == 0 or iteration + 1 == cfg.n_iters:
+            save(iteration + 1)
+    bar.close()
+    with open(os.path.join(cfg.out_dir, "eval.json")) as f:
+        return json.load(f)
+
+if __name__ == "__main__":
+    main(parse_config(Config))
