@@ -120,11 +120,13 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, attention_mask=None, cache=None, slots=None):
+    def forward(self, idx, attention_mask=None, cache=None, slots=None, last_only=False):
         """idx (B, T) token ids -> logits (B, T, V), or scores (B, T) with the scalar head.
 
         attention_mask (B, S) bool, True where the key slot holds a real token (False for left padding). Without
         a cache S = T; with a cache S is the cache length and `slots` (T,) says which cache slots idx fills.
+        last_only=True returns only the last position's output (B, 1, ...): a sampler's prefill needs no more, and
+        at GPT-2's vocabulary the full (B, T, V) logits of a long prompt batch cost more than the trunk.
         Position ids are derived from the mask (a token's position = number of real tokens before it), so a
         left-padded prompt gets exactly the positions it would have alone."""
         B, T = idx.shape
@@ -148,7 +150,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, attn_mask, cache, layer, slots)
-        x = self.transformer.ln_f(x)
+        x = self.transformer.ln_f(x[:, -1:] if last_only else x)
         if self.config.scalar_head:
             return self.score_head(x).squeeze(-1)  # (B, T)
         return self.lm_head(x)  # (B, T, V)
@@ -263,6 +265,10 @@ def load_model(source, kind="policy"):
     """A model from a GPT-2 name, a HF folder, or a nanoInstruct checkpoint (file or run folder).
     Returns (model, ckpt); for GPT-2 weights ckpt is a stub {"kind": "policy", "tokenizer": "gpt2"}."""
     is_run = os.path.isfile(source) or os.path.isfile(os.path.join(source, "ckpt.pt"))
+    is_hf = source in GPT2_NAMES or os.path.isfile(os.path.join(source, "model.safetensors"))
+    if not (is_run or is_hf):
+        raise FileNotFoundError(f"{source}: no checkpoint there (expected a ckpt.pt, a run folder holding one, "
+                                f"a folder with model.safetensors, or one of {', '.join(GPT2_NAMES)})")
     if not is_run:
         if kind != "policy":
             raise ValueError(f"{source}: GPT-2 weights are a language model, expected a {kind} checkpoint")

@@ -23,8 +23,8 @@ from tqdm import tqdm
 from common import (get_tokenizer, load_checkpoint, load_labeler, log, parse_config, read_jsonl, save_checkpoint,
                     set_seed, setup_device)
 from model import GPT, load_model, token_logprobs
-from reward import score
-from sample import generate, strip_eos
+from reward import encode_for_scoring, score
+from sample import best_of_n, generate, strip_eos
 from sft import lm_loss, load_examples, make_batch
 
 @dataclass
@@ -33,23 +33,24 @@ class Config:
     sft: str = "out/sft"               # the SFT policy: initialises π and is the frozen reference π_ref
     reward: str = "out/rm"             # the reward model: scores rollouts, and initialises the value model
     prompts: str = "data/stories/prompts_train.jsonl"
+    skip_long_prompts: bool = False    # drop (and count) prompts with no room for max_new_tokens, instead of stopping
     val_prompts: str = ""              # default: prompts with _train replaced by _val
     # rollouts
-    n_iters: int = 60                  # PPO iterations (each: one batch of rollouts, then ppo_epochs of updates)
+    n_iters: int = 40                  # PPO iterations (each: one batch of rollouts, then ppo_epochs of updates)
     batch_size: int = 64               # rollouts per iteration
     max_new_tokens: int = 120          # responses longer than this are cut, and get no_eos_score
     temperature: float = 0.7           # sampling temperature; the log-probs are recomputed at the same one
     # the reward
     init_kl_coef: float = 0.05         # β (InstructGPT: 0.02, fixed)
     adaptive_kl: bool = True           # adapt β toward target_kl (Ziegler et al. 2019 §2.2)
-    target_kl: float = 3.0             # nats per sequence
+    target_kl: float = 2.0             # nats per sequence: a short leash, as our RM is easy to over-optimise
     kl_horizon: int = 2000             # how fast β adapts (in rollouts)
     no_eos_score: float = -3.0         # N+ details: a response that never ends gets this instead of the RM's score
-    whiten_rewards: bool = False       # N+ details: whiten the RM scores per batch (off: our RM is already centred)
+    whiten_rewards: bool = True        # N+ details: whiten the RM scores per batch, so β and the value clip see unit scale
     # PPO
-    ppo_epochs: int = 4
+    ppo_epochs: int = 2                # passes over each batch (N+ details use 4; 2 halves our CPU time)
     n_minibatches: int = 4
-    lr: float = 3e-5
+    lr: float = 2e-5
     gamma: float = 1.0                 # no discounting within a response, as in the N+ details and trl
     lam: float = 0.95                  # GAE λ
     cliprange: float = 0.2             # PPO's ε for the policy ratio
@@ -62,6 +63,11 @@ class Config:
     ptx_batch_size: int = 16
     # evaluation and plumbing
     eval_interval: int = 20
+    eval_only: bool = False            # no training: evaluate --policy against the SFT model (the report's rows)
+    policy: str = ""                   # with eval_only: the policy to evaluate (default: the SFT model itself)
+    few_shot: int = 0                  # with eval_only: prompt the policy with this many demonstrations first
+    best_of: int = 1                   # with eval_only: best-of-N sampling from the policy, ranked by the RM
+    report: bool = False               # no training: gather out/*/eval.json into out/report.md (run.sh's last step)
     n_eval: int = 200                  # val prompts used for evaluation
     save_interval: int = 10
     seed: int = 1337
@@ -106,9 +112,9 @@ def compute_gae(rewards, values, response_mask, gamma, lam):
     for t in reversed(range(R)):
         next_value = values[:, t + 1] if t + 1 < R else torch.zeros_like(values[:, t])
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_advantage = delta + gamma * lam * next_advantage
+        # masking inside the scan: nothing from padding leaks into the last real token's advantage
+        next_advantage = (delta + gamma * lam * next_advantage) * response_mask[:, t]
         advantages[:, t] = next_advantage
-    advantages = advantages * response_mask
     return advantages, advantages + values
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
@@ -140,26 +146,39 @@ def win_rate(a, b):
     return ((a > b).float() + 0.5 * (a == b).float()).mean().item() if len(a) else float("nan")
 
 @torch.no_grad()
-def evaluate(policy, sft_policy, reward_model, tokenizer, prompts, labeler, cfg, ctx):
+def evaluate(policy, sft_policy, reward_model, tokenizer, prompts, labeler, cfg, ctx, prefix="", best_of=1):
     """Generate from π and from the SFT model with the same settings and seed, and compare them: by the RM, by the
-    labeler (the gold judge, built-in task only), and by KL. Returns eval.json's dict and the sample texts."""
+    labeler (the gold judge, built-in task only), and by KL. Returns eval.json's dict and the sample texts.
+    For the report, π may also be prompted with a few-shot `prefix`, or be best-of-`best_of` sampling ranked by
+    the RM; KL is then not estimated (null), since π's own log-probs are not those of the text it returned."""
     device = next(policy.parameters()).device
-    prompt_ids = [tokenizer.encode_ordinary(p) for p in prompts]
     result, texts, rm_scores, gold = {"n_prompts": len(prompts)}, {}, {}, {}
     for name, model in (("ppo", policy), ("sft", sft_policy)):
         generator = torch.Generator(device=device).manual_seed(cfg.seed + 12345)  # the same draws for both models
+        prompt_ids = [tokenizer.encode_ordinary((prefix if name == "ppo" else "") + p) for p in prompts]
         with ctx:
-            out = generate(model, prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature,
-                           eos_id=tokenizer.eot_token, generator=generator)
-            rm_scores[name] = score(reward_model, out.tokens, out.attention_mask).float().cpu()
-            if name == "ppo":  # KL(π || π_sft) on π's own samples, summed over tokens, averaged over prompts
-                sft_logprobs, _ = response_logprobs(sft_policy, out.tokens, out.attention_mask, out.prompt_len,
-                                                    cfg.temperature)
-                kl = ((out.logprobs - sft_logprobs) * out.response_mask).sum(1)
-                result["kl_ppo_sft"] = kl.mean().item()  # sync point: eval only
-        texts[name] = [tokenizer.decode(strip_eos(r, m, tokenizer.eot_token), errors="replace")
-                       for r, m in zip(out.tokens[:, out.prompt_len:], out.response_mask)]
-        result[f"rm_score_{name}"] = rm_scores[name].mean().item()
+            if name == "ppo" and best_of > 1:
+                responses, _ = best_of_n(model, reward_model, prompt_ids, best_of, cfg.max_new_tokens,
+                                         temperature=cfg.temperature, eos_id=tokenizer.eot_token, generator=generator)
+            else:
+                out = generate(model, prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature,
+                               eos_id=tokenizer.eot_token, generator=generator)
+                responses = [strip_eos(r, m, tokenizer.eot_token) for r, m in zip(out.responses, out.response_mask)]
+            if name == "ppo" and not prefix and best_of == 1:  # KL(π || π_sft) on π's samples, per sequence
+                logprobs = [response_logprobs(m, out.tokens, out.attention_mask, out.prompt_len, cfg.temperature)[0]
+                            for m in (policy, sft_policy)]  # the same code path for both, as in training
+                result["kl_ppo_sft"] = ((logprobs[0] - logprobs[1]) * out.response_mask).sum(1).mean().item()
+            elif name == "ppo":
+                result["kl_ppo_sft"] = None
+            texts[name] = [tokenizer.decode(r, errors="replace") for r in responses]
+            if name == "ppo" and (prefix or best_of > 1):
+                # the RM reads the plain prompt (no few-shot prefix) and the response, closed by end-of-text
+                tokens, mask = encode_for_scoring(tokenizer, prompts, texts[name], reward_model.config.block_size,
+                                                  device)
+            else:  # exactly the sequences sampled, as PPO's rollouts are scored
+                tokens, mask = out.tokens, out.attention_mask
+            rm_scores[name] = score(reward_model, tokens, mask).float().cpu()
+        result[f"rm_score_{name}"] = rm_scores[name].mean().item()  # sync point: eval only
         if labeler is not None:
             gold[name] = torch.tensor([labeler.score(p, t) for p, t in zip(prompts, texts[name])])
             result[f"labeler_score_{name}"] = gold[name].mean().item()
@@ -174,16 +193,83 @@ def evaluate(policy, sft_policy, reward_model, tokenizer, prompts, labeler, cfg,
 
 # ----------------------------------------------------------------------------- config -> data -> models -> loop -> save
 
+def write_report(out_root="out"):
+    """InstructGPT's Figure 1 in miniature: every evaluated policy against SFT on the same val prompts, judged by the
+    labeler (gold) and the RM (proxy), plus PPO's curves and the KL sweep when matplotlib is there."""
+    rows = [("base model, zero-shot", "eval_base"), ("base model, 1-shot prompt", "eval_fewshot"), ("SFT", "eval_sft"),
+            ("best-of-8 from SFT, ranked by the RM", "eval_bon"), ("PPO", "ppo"), ("PPO-ptx", "ppo_ptx")]
+    rows += [(f"PPO, target KL {kl}", f"sweep_kl{kl}") for kl in (1, 4, 16, 64)]
+    fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = ["# nanoInstruct report (built-in stories task, val prompts)", "",
+             "| policy | labeler score | win rate vs SFT (labeler) | held-out win rate | RM score | KL to SFT |",
+             "|---|---|---|---|---|---|"]
+    sweep = []
+    for name, run in rows:
+        path = os.path.join(out_root, run, "eval.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                e = json.load(f)
+            lines.append(f"| {name} | {fmt(e['labeler_score_ppo'])} | {fmt(e['win_rate_labeler'])} | "
+                         f"{fmt(e['heldout_win_rate_labeler'])} | {fmt(e['rm_score_ppo'])} | {fmt(e['kl_ppo_sft'])} |")
+            if run.startswith("sweep"):
+                sweep.append((e["kl_ppo_sft"], e["rm_score_ppo"], e["labeler_score_ppo"]))
+    samples_path = os.path.join(out_root, "ppo", "samples.json")
+    if os.path.exists(samples_path):
+        with open(samples_path) as f:
+            samples = json.load(f)
+        lines += ["", "## Side by side (same prompt, same seed)", ""]
+        for i in range(min(5, len(samples["prompts"]))):
+            lines += [f"- **{samples['prompts'][i].strip()}**", f"  - SFT: {samples['sft'][i]}",
+                      f"  - PPO: {samples['ppo'][i]}"]
+    try:  # figures are optional: without matplotlib the numbers above are the report
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        with open(os.path.join(out_root, "ppo", "log.jsonl")) as f:
+            records = [r for r in map(json.loads, f) if "objective/kl" in r]
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3))
+        for ax, key in zip(axes, ("objective/scores", "objective/labeler_score", "objective/kl")):
+            ax.plot([r["step"] for r in records], [r.get(key) for r in records])
+            ax.set(title=key, xlabel="PPO iteration")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_root, "ppo_curves.png"))
+        lines += ["", "![PPO curves](ppo_curves.png)"]
+        if sweep:
+            sweep.sort()
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            ax.plot([s[0] for s in sweep], [s[1] for s in sweep], "o-", label="RM score (proxy)")
+            ax2 = ax.twinx()
+            ax2.plot([s[0] for s in sweep], [s[2] for s in sweep], "s-", color="C1", label="labeler score (gold)")
+            ax.set(xlabel="KL(PPO || SFT), nats", ylabel="RM score")
+            ax2.set(ylabel="labeler score")
+            fig.legend(loc="lower right")
+            fig.tight_layout()
+            fig.savefig(os.path.join(out_root, "overoptimization.png"))
+            lines += ["", "![over-optimisation](overoptimization.png)"]
+    except ImportError:
+        lines += ["", "(install matplotlib for figures)"]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out_root, "report.md"), "w") as f:
+        f.write(text)
+    print(text)
+
 def main(cfg: Config) -> dict:
+    if cfg.report:
+        return write_report(os.path.dirname(cfg.out_dir) or "out")
     set_seed(cfg.seed)
     device, dtype, ctx = setup_device(cfg.device, cfg.dtype, cfg.compile)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    os.makedirs(cfg.out_dir, exist_ok=True)
 
     # -- the four models
     ref_policy, sft_ckpt = load_model(cfg.sft, kind="policy")
     policy, _ = load_model(cfg.sft, kind="policy")
     reward_model, rm_ckpt = load_model(cfg.reward, kind="reward")
     value_model = GPT.from_checkpoint(rm_ckpt, cfg.reward)  # InstructGPT §3.5: the value function starts as the RM
+    # Deviation: we keep the RM's trunk but zero its head. The RM's head was trained only at end-of-text tokens and on
+    # the RM's raw scale; with whitened scores its outputs elsewhere are noise that GAE would turn into advantages.
+    torch.nn.init.zeros_(value_model.score_head.weight)
+    torch.nn.init.zeros_(value_model.score_head.bias)
     if rm_ckpt["tokenizer"] != sft_ckpt["tokenizer"]:
         raise ValueError(f"{cfg.reward}: tokenizer {rm_ckpt['tokenizer']} differs from {cfg.sft}'s "
                          f"{sft_ckpt['tokenizer']}")
@@ -198,11 +284,17 @@ def main(cfg: Config) -> dict:
     prompts = [r["prompt"] for r in read_jsonl(cfg.prompts, ["prompt"])]
     val_path = cfg.val_prompts or cfg.prompts.replace("_train", "_val")
     val_prompts = [r["prompt"] for r in read_jsonl(val_path, ["prompt"])][:cfg.n_eval]
-    too_long = [i for i, p in enumerate(prompts) if len(tokenizer.encode_ordinary(p)) + cfg.max_new_tokens >
-                policy.config.block_size]
-    if too_long:
-        raise ValueError(f"{cfg.prompts}:{too_long[0] + 1}: prompt leaves no room for {cfg.max_new_tokens} new "
-                         f"tokens in a {policy.config.block_size}-token context ({len(too_long):,} such prompts)")
+    for path, rows in ((cfg.prompts, prompts), (val_path, val_prompts)):  # fail now, not at the first eval
+        too_long = [i for i, p in enumerate(rows) if len(tokenizer.encode_ordinary(p)) + cfg.max_new_tokens >
+                    policy.config.block_size]
+        if too_long and (not cfg.skip_long_prompts or len(too_long) == len(rows)):
+            raise ValueError(f"{path}:{too_long[0] + 1}: prompt leaves no room for {cfg.max_new_tokens} new "
+                             f"tokens in a {policy.config.block_size}-token context ({len(too_long):,} such prompts;"
+                             f" --skip_long_prompts drops them)")
+        if too_long:
+            print(f"{path}: skipped {len(too_long):,} of {len(rows):,} prompts too long for the context")
+            is_long = set(too_long)
+            rows[:] = [p for i, p in enumerate(rows) if i not in is_long]
     ptx = load_examples(cfg.ptx_data, "pretrain", tokenizer, policy.config.block_size) if cfg.ptx_coef > 0 else []
     labeler = load_labeler(val_path)
     print(f"data: {len(prompts):,} train / {len(val_prompts):,} val prompts"
@@ -238,11 +330,25 @@ def main(cfg: Config) -> dict:
         result["iteration"] = iteration
         with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
             json.dump(result, f, indent=2)
+        with open(os.path.join(cfg.out_dir, "samples.json"), "w") as f:
+            json.dump({"prompts": val_prompts, **texts}, f, indent=1)
         log(cfg.out_dir, {"step": iteration, **{f"eval/{k}": v for k, v in result.items()}})
         tqdm.write(f"eval @ {iteration}: " + " | ".join(f"{k} {v:.3f}" for k, v in result.items()
                                                         if isinstance(v, float)))
-        for i in range(3):  # reading samples is the best RLHF debugger
+        for i in range(min(3, len(val_prompts))):  # reading samples is the best RLHF debugger
             tqdm.write(f"  prompt: {val_prompts[i].strip()}\n    SFT: {texts['sft'][i]}\n    PPO: {texts['ppo'][i]}")
+        return result
+
+    if cfg.eval_only:  # one row of the report: a policy (maybe prompted few-shot, or best-of-N) against SFT
+        policy, _ = load_model(cfg.policy or cfg.sft, kind="policy")
+        policy.to(device).eval()
+        demos = read_jsonl(os.path.join(os.path.dirname(cfg.prompts), "sft_train.jsonl"), ["prompt", "response"])
+        prefix = "".join(d["prompt"] + d["response"] + "\n\n" for d in demos[:cfg.few_shot])
+        result, _ = evaluate(policy, ref_policy, reward_model, tokenizer, val_prompts, labeler, cfg, ctx,
+                             prefix=prefix, best_of=cfg.best_of)
+        with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        print(json.dumps(result))
         return result
 
     mb_size = cfg.batch_size // cfg.n_minibatches
@@ -256,6 +362,7 @@ def main(cfg: Config) -> dict:
             rollout = generate(policy, [tokenizer.encode_ordinary(p) for p in batch_prompts], cfg.max_new_tokens,
                                temperature=cfg.temperature, eos_id=tokenizer.eot_token, generator=gen_rng)
         policy.train()
+        t_rollout = time.time() - t0
         tokens, attention_mask, P = rollout.tokens, rollout.attention_mask, rollout.prompt_len  # (B, P+R)
         response_mask = rollout.response_mask  # (B, R) real tokens up to and including EOS
         # ------------------------------------------------------------ 2. score, 3. rewards, 4. advantages
@@ -269,9 +376,9 @@ def main(cfg: Config) -> dict:
         # N+ details "EOS trick": a response cut off before end-of-text gets a fixed low score.
         has_eos = ((tokens[:, P:] == tokenizer.eot_token) & response_mask).any(1)  # (B,)
         scores = torch.where(has_eos, scores, torch.full_like(scores, cfg.no_eos_score))
-        if cfg.whiten_rewards:
-            scores = (scores - scores.mean()) / (scores.std() + 1e-8)
-        rewards, kl = compute_rewards(scores, old_logprobs, ref_logprobs, response_mask, kl_coef)  # (B, R)
+        # the RL reward: optionally whitened over the batch (the logs keep the raw scores, to see the RM's view)
+        rl_scores = (scores - scores.mean()) / (scores.std(unbiased=False) + 1e-8) if cfg.whiten_rewards else scores
+        rewards, kl = compute_rewards(rl_scores, old_logprobs, ref_logprobs, response_mask, kl_coef)  # (B, R)
         advantages, returns = compute_gae(rewards, old_values, response_mask, cfg.gamma, cfg.lam)
         advantages = masked_whiten(advantages, response_mask)  # N+ details: whitened per batch over real tokens
         # ------------------------------------------------------------ 5. PPO epochs over minibatches
@@ -298,8 +405,9 @@ def main(cfg: Config) -> dict:
                         stats["ptx"].append(ptx_loss.detach())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(list(policy.parameters()) + list(value_model.parameters()),
-                                               cfg.grad_clip)
+                # clip each model on its own: the value loss's large early gradients must not shrink π's step
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.grad_clip)
                 optimizer.step()
                 with torch.no_grad():
                     probs = F.softmax(mb_logits, dim=-1)
@@ -310,12 +418,13 @@ def main(cfg: Config) -> dict:
                     stats[k].append(v.detach())
         # ------------------------------------------------------------ adaptive KL (Ziegler et al. 2019, §2.2)
         mean_kl = kl.sum(1).mean().item()  # sync point: once per iteration
+        rlhf_reward = (scores - kl_coef * kl.sum(1)).mean().item()  # with the β that built this batch's rewards
         if cfg.adaptive_kl:
             proportional_error = max(-0.2, min(0.2, mean_kl / cfg.target_kl - 1))
             kl_coef *= 1 + proportional_error * cfg.batch_size / cfg.kl_horizon
         # ------------------------------------------------------------ logging (the N+ details' metric names)
         record = {"step": iteration + 1, "objective/kl": mean_kl, "objective/scores": scores.mean().item(),
-                  "objective/rlhf_reward": (scores - kl_coef * kl.sum(1)).mean().item(), "objective/kl_coef": kl_coef,
+                  "objective/rlhf_reward": rlhf_reward, "objective/kl_coef": kl_coef,
                   "ppo/policy/entropy_avg": torch.stack(stats["entropy"]).mean().item(),
                   "ppo/policy/clipfrac_avg": torch.stack(stats["clipfrac"]).mean().item(),
                   "ppo/policy/approxkl_avg": torch.stack(stats["approxkl"]).mean().item(),
@@ -327,7 +436,8 @@ def main(cfg: Config) -> dict:
                                                                response_mask).clamp(min=1e-8)).item(),
                   "ppo/ptx_loss": torch.stack(stats["ptx"]).mean().item() if stats["ptx"] else None,
                   "response/length": response_mask.sum(1).float().mean().item(),
-                  "response/eos_share": has_eos.float().mean().item(), "time_s": time.time() - t0}
+                  "response/eos_share": has_eos.float().mean().item(), "time/rollout_s": t_rollout,
+                  "time/iteration_s": time.time() - t0}
         if labeler is not None:  # the gold judge's view of the same samples, which the policy never sees
             texts = [tokenizer.decode(strip_eos(r, m, tokenizer.eot_token), errors="replace")
                      for r, m in zip(tokens[:, P:], response_mask)]

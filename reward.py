@@ -33,7 +33,7 @@ class Config:
     n_agreement: int = 128            # prompts sampled for that check (0 = skip)
     batch_size: int = 16              # rankings per step (each holds K responses and C(K,2) pairs)
     epochs: int = 1                   # InstructGPT trains the RM for one epoch: more over-fits
-    lr: float = 3e-4                  # InstructGPT's 6B RM used 9e-6; our tiny byte model wants far more
+    lr: float = 1e-3                  # InstructGPT's 6B RM used 9e-6; our tiny byte model wants far more
     warmup_steps: int = 20
     weight_decay: float = 0.0
     grad_clip: float = 1.0

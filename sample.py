@@ -121,7 +121,8 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top
     try:
         # Prefill: all prompts in one forward, filling cache slots 0..P-1. Response slots are still False in the
         # mask, so they are invisible until written. Only the last position's logits predict the first token.
-        logits = model(tokens[:, :P], attention_mask=attention_mask, cache=cache, slots=slots[:P])[:, -1]  # (B, V)
+        logits = model(tokens[:, :P], attention_mask=attention_mask, cache=cache, slots=slots[:P],
+                       last_only=True)[:, -1]  # (B, V)
         for t in range(N):
             next_tokens, next_logprobs = sample_next(logits, temperature, top_k, top_p, generator)  # (B,), (B,)
             is_real = ~is_finished  # decided before this token, so the end-of-text itself is real

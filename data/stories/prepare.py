@@ -24,19 +24,26 @@ from common import write_jsonl  # noqa: E402
 # Rows per split. Stories are ~30-120 bytes, so 20k pretraining stories are ~1.1 MB of text.
 SIZES = {"pretrain": (20_000, 1_000), "sft": (5_000, 500), "prefs": (3_000, 300), "prompts": (2_000, 200)}
 # The demonstrator's reliability: the chance it honours each attribute, independently (perfect ~17% of the time).
-DEMO_NOISE = {"animal": 0.65, "colour": 0.6, "mood": 0.65, "count": 0.6, "repeat": 0.05, "cut": 0.0}
+# Most errors are omissions (no colour, no mood word, a sentence too many or too few) rather than wrong choices:
+# a tiny reward model learns "is the colour there?" within our CPU budget, but barely learns "does it match the
+# prompt's colour?" (we measured chance-level accuracy on wrong-animal pairs after a 2-minute RM run). Wrong choices
+# stay, rarer, so the labeler still has something to catch that the RM may miss.
+DEMO_NOISE = {"animal": 0.85, "colour": 0.5, "mood": 0.5, "count": 0.6, "repeat": 0.05, "cut": 0.0}
 K = 4               # responses ranked per prompt
 HELDOUT_VAL = 0.3   # share of prompts_val drawn from the held-out combinations
 
-def write_story(want, noise, rng):
+def write_story(want, noise, rng, content_rng=None):
     """A fluent story for the instruction `want` (labeler.parse_prompt's dict) that gets each attribute right
-    with probability noise[attribute]; the errors mix omissions (no colour, no mood) and wrong choices."""
+    with probability noise[attribute]; the errors mix omissions (no colour, no mood) and wrong choices.
+    `content_rng` draws the words that carry no attribute (verbs, places, things): giving K responses the same
+    one makes them near-minimal pairs that differ mainly in the attributes the labeler checks."""
+    content_rng = content_rng or rng
     animal = want["animal"] if rng.random() < noise["animal"] else rng.choice([a for a in labeler.ANIMALS
                                                                                 if a != want["animal"]])
     colour = want["colour"] if rng.random() < noise["colour"] else \
-        None if rng.random() < 0.5 else rng.choice([c for c in labeler.COLOURS if c != want["colour"]])
+        None if rng.random() < 0.8 else rng.choice([c for c in labeler.COLOURS if c != want["colour"]])
     opposite = "sad" if want["mood"] == "happy" else "happy"
-    mood = want["mood"] if rng.random() < noise["mood"] else rng.choice(["neutral", opposite, opposite, "mixed"])
+    mood = want["mood"] if rng.random() < noise["mood"] else rng.choice(["neutral", "neutral", "neutral", opposite, "mixed"])
     n = want["count"] or rng.choice([2, 3])
     if rng.random() >= noise["count"]:
         n = rng.choice([k for k in (n - 1, n + 1) if 1 <= k <= 4])
@@ -48,13 +55,14 @@ def write_story(want, noise, rng):
     elif mood == "mixed":  # one happy and one sad sentence somewhere
         i, j = rng.sample(range(n), 2)
         moods[i], moods[j] = "happy", "sad"
-    sentences = [f"A {colour + ' ' if colour else ''}{animal} {rng.choice(labeler.VERBS[moods[0]])} "
-                 f"{rng.choice(labeler.PLACES)}."]
+    sentences = [f"A {colour + ' ' if colour else ''}{animal} {content_rng.choice(labeler.VERBS[moods[0]])} "
+                 f"{content_rng.choice(labeler.PLACES)}."]
     for m in moods[1:]:
         while True:  # resample until new: repeated sentences are a separate, deliberate kind of noise
-            predicate = rng.choice(labeler.PREDICATES[m]).format(
-                T=rng.choice(labeler.THINGS), F=rng.choice(labeler.FOODS), P=rng.choice(labeler.PLACES))
-            sentence = f"{rng.choice(['It', f'The {animal}'])} {predicate}."
+            predicate = content_rng.choice(labeler.PREDICATES[m]).format(
+                T=content_rng.choice(labeler.THINGS), F=content_rng.choice(labeler.FOODS),
+                P=content_rng.choice(labeler.PLACES))
+            sentence = f"{content_rng.choice(['It', f'The {animal}'])} {predicate}."
             if sentence not in sentences:
                 break
         sentences.append(sentence)
@@ -97,11 +105,14 @@ def main(out=HERE, seed=1337, scale=1.0):
         prefs = []
         while len(prefs) < sizes["prefs"][i]:
             want = rng.choice(pool)
-            responses = []
+            responses, content_seed = [], rng.random()
             while len(responses) < K:
                 skill = rng.uniform(0.3, 1.0)
-                noise = dict(animal=skill, colour=skill, mood=skill, count=skill, repeat=(1 - skill) / 4, cut=0.05)
-                response = write_story(want, noise, rng)
+                noise = dict(animal=(1 + skill) / 2, colour=skill, mood=skill, count=skill, repeat=(1 - skill) / 4,
+                             cut=0.05)
+                # The K responses share their content words, so that what differs is mostly what the labeler
+                # checks: a tiny RM learns "the animal must match the prompt" from such pairs far faster.
+                response = write_story(want, noise, rng, random.Random(content_seed))
                 if response not in responses:
                     responses.append(response)
             prompt = prompt_of(want)

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The whole InstructGPT pipeline on the built-in stories task, on a laptop CPU (~10 min on 2 cores):
+#     bash run.sh          # prepare -> pretrain -> SFT -> reward model -> PPO -> evaluation -> out/report.md
+#     bash run.sh full     # also PPO-ptx and a sweep over the KL target (reward over-optimisation), ~30 min
+#     bash run.sh gpt2     # GPT-2 small on Alpaca/Dolly + HH-RLHF, for one GPU (see the README)
+# Every stage is resumable/skippable: delete out/<stage> to redo it. Device and dtype are picked automatically.
+set -euo pipefail
+cd "$(dirname "$0")"
+MODE=${1:-quick}
+D=data/stories
+
+if [ "$MODE" = gpt2 ]; then
+    # GPT-2 small on real data, on one GPU (untested here: this recipe's time and numbers are not measured yet)
+    python data/alpaca/prepare.py && python data/hh_rlhf/prepare.py
+    python sft.py --init=gpt2 --data=data/alpaca/sft_train.jsonl --out_dir=out/gpt2_sft --lr=2e-5 --max_steps=3000 \
+        --batch_size=16 --grad_accum=4 --warmup_steps=100 --eval_interval=250
+    python reward.py --init=out/gpt2_sft --data=data/hh_rlhf/prefs_train.jsonl --out_dir=out/gpt2_rm --lr=1e-5 \
+        --sft_data=data/hh_rlhf/sft_train.jsonl --prompts=data/hh_rlhf/prompts_val.jsonl --batch_size=32
+    python ppo.py --sft=out/gpt2_sft --reward=out/gpt2_rm --prompts=data/hh_rlhf/prompts_train.jsonl \
+        --out_dir=out/gpt2_ppo --skip_long_prompts --max_new_tokens=128 --temperature=0.7 --lr=1e-6 \
+        --target_kl=6 --n_iters=500 --batch_size=64 --ppo_epochs=4 --eval_interval=50 --n_eval=256
+    exit 0
+fi
+
+# -- data: instructions, noisy demonstrations, K=4 rankings by the scripted labeler, prompts (deterministic)
+python $D/prepare.py
+# -- a "base model": next-token pretraining on unconditioned stories (stands in for GPT-3)
+[ -f out/base/ckpt.pt ] || python sft.py --mode=pretrain --data=$D/pretrain_train.jsonl --out_dir=out/base \
+    --max_steps=400 --lr=1e-3
+# -- step 1, SFT: loss on the demonstrations' response tokens only
+[ -f out/sft/ckpt.pt ] || python sft.py --init=out/base --data=$D/sft_train.jsonl --out_dir=out/sft \
+    --max_steps=400 --lr=5e-4 --warmup_steps=20
+# -- step 2, the reward model: SFT trunk + scalar head, trained on all C(4,2) pairs of each ranking
+[ -f out/rm/ckpt.pt ] || python reward.py --init=out/sft --data=$D/prefs_train.jsonl --out_dir=out/rm
+# -- step 3, PPO against the RM with a KL penalty to the SFT model
+[ -f out/ppo/eval.json ] || python ppo.py --sft=out/sft --reward=out/rm --prompts=$D/prompts_train.jsonl \
+    --out_dir=out/ppo
+# -- the report's other rows, each judged against SFT on the same val prompts
+EVAL="python ppo.py --eval_only --sft=out/sft --reward=out/rm --prompts=$D/prompts_train.jsonl"
+[ -f out/eval_base/eval.json ] || $EVAL --policy=out/base --out_dir=out/eval_base
+[ -f out/eval_fewshot/eval.json ] || $EVAL --policy=out/base --few_shot=1 --max_new_tokens=90 \
+    --out_dir=out/eval_fewshot
+[ -f out/eval_sft/eval.json ] || $EVAL --out_dir=out/eval_sft
+[ -f out/eval_bon/eval.json ] || $EVAL --best_of=8 --out_dir=out/eval_bon
+if [ "$MODE" = full ]; then
+    # PPO-ptx (InstructGPT eq. 2): the pretraining loss mixed into the policy update
+    [ -f out/ppo_ptx/eval.json ] || python ppo.py --sft=out/sft --reward=out/rm --out_dir=out/ppo_ptx --ptx_coef=1.0
+    # over-optimisation (Gao et al. 2022): the looser the KL leash, the higher the proxy reward...
+    for KL in 1 4 16 64; do
+        [ -f out/sweep_kl$KL/eval.json ] || python ppo.py --sft=out/sft --reward=out/rm --out_dir=out/sweep_kl$KL \
+            --target_kl=$KL --n_iters=60
+    done
+fi
+python ppo.py --report
