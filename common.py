@@ -4,6 +4,7 @@ config overrides, device/dtype, seeding, tokenizers, JSON lines, downloads, chec
 """
 import ast
 import dataclasses
+import gzip
 import difflib
 import importlib.util
 import inspect
@@ -104,13 +105,14 @@ def get_tokenizer(name):
 
 # ----------------------------------------------------------------------------- data files: JSON lines
 
-def read_jsonl(path, fields=()):
-    """Read a JSON-lines file; every row must be an object holding `fields` as strings.
-    Errors name the place: `data/x.jsonl:17: field 'chosen' missing`."""
+def read_jsonl(path, fields=(), with_lineno=False):
+    """Read a JSON-lines file (gzip too, by its .gz name); every row must be an object holding `fields` as strings.
+    Errors name the place: `data/x.jsonl:17: field 'chosen' missing`. with_lineno=True gives (line, row) pairs,
+    so callers that check more fields can name the line too (blank lines are skipped, so rows and lines differ)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -125,7 +127,7 @@ def read_jsonl(path, fields=()):
                     raise ValueError(f"{path}:{lineno}: field {field!r} missing")
                 if not isinstance(row[field], str):
                     raise ValueError(f"{path}:{lineno}: field {field!r} must be a string")
-            rows.append(row)
+            rows.append((lineno, row) if with_lineno else row)
     return rows
 
 def write_jsonl(path, rows):

@@ -41,10 +41,10 @@ class Config:
     max_new_tokens: int = 120          # responses longer than this are cut, and get no_eos_score
     temperature: float = 0.7           # sampling temperature; the log-probs are recomputed at the same one
     # the reward
-    init_kl_coef: float = 0.05         # β (InstructGPT: 0.02, fixed)
+    init_kl_coef: float = 0.2          # β at the start (InstructGPT: 0.02, fixed, on their RM's scale)
     adaptive_kl: bool = True           # adapt β toward target_kl (Ziegler et al. 2019 §2.2)
-    target_kl: float = 2.0             # nats per sequence: a short leash, as our RM is easy to over-optimise
-    kl_horizon: int = 2000             # how fast β adapts (in rollouts)
+    target_kl: float = 1.5             # nats per sequence: a short leash, as our RM is easy to over-optimise
+    kl_horizon: int = 500              # how fast β adapts (in rollouts; Ziegler et al. used 10,000 over far more)
     no_eos_score: float = -3.0         # N+ details: a response that never ends gets this instead of the RM's score
     whiten_rewards: bool = True        # N+ details: whiten the RM scores per batch, so β and the value clip see unit scale
     # PPO
@@ -197,8 +197,8 @@ def write_report(out_root="out"):
     """InstructGPT's Figure 1 in miniature: every evaluated policy against SFT on the same val prompts, judged by the
     labeler (gold) and the RM (proxy), plus PPO's curves and the KL sweep when matplotlib is there."""
     rows = [("base model, zero-shot", "eval_base"), ("base model, 1-shot prompt", "eval_fewshot"), ("SFT", "eval_sft"),
-            ("best-of-8 from SFT, ranked by the RM", "eval_bon"), ("PPO", "ppo"), ("PPO-ptx", "ppo_ptx")]
-    rows += [(f"PPO, target KL {kl}", f"sweep_kl{kl}") for kl in (1, 4, 16, 64)]
+            ("best-of-N from SFT, ranked by the RM", "eval_bon"), ("PPO", "ppo"), ("PPO-ptx", "ppo_ptx")]
+    rows += [(f"PPO, target KL {kl}", f"sweep_kl{kl}") for kl in (1, 8, 64)]
     fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
     lines = ["# nanoInstruct report (built-in stories task, val prompts)", "",
              "| policy | labeler score | win rate vs SFT (labeler) | held-out win rate | RM score | KL to SFT |",
@@ -225,15 +225,17 @@ def write_report(out_root="out"):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        with open(os.path.join(out_root, "ppo", "log.jsonl")) as f:
-            records = [r for r in map(json.loads, f) if "objective/kl" in r]
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3))
-        for ax, key in zip(axes, ("objective/scores", "objective/labeler_score", "objective/kl")):
-            ax.plot([r["step"] for r in records], [r.get(key) for r in records])
-            ax.set(title=key, xlabel="PPO iteration")
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_root, "ppo_curves.png"))
-        lines += ["", "![PPO curves](ppo_curves.png)"]
+        log_path = os.path.join(out_root, "ppo", "log.jsonl")
+        if os.path.exists(log_path):
+            with open(log_path) as f:
+                records = [r for r in map(json.loads, f) if "objective/kl" in r]
+            fig, axes = plt.subplots(1, 3, figsize=(12, 3))
+            for ax, key in zip(axes, ("objective/scores", "objective/labeler_score", "objective/kl")):
+                ax.plot([r["step"] for r in records], [r.get(key) for r in records])
+                ax.set(title=key, xlabel="PPO iteration")
+            fig.tight_layout()
+            fig.savefig(os.path.join(out_root, "ppo_curves.png"))
+            lines += ["", "![PPO curves](ppo_curves.png)"]
         if sweep:
             sweep.sort()
             fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -342,7 +344,8 @@ def main(cfg: Config) -> dict:
     if cfg.eval_only:  # one row of the report: a policy (maybe prompted few-shot, or best-of-N) against SFT
         policy, _ = load_model(cfg.policy or cfg.sft, kind="policy")
         policy.to(device).eval()
-        demos = read_jsonl(os.path.join(os.path.dirname(cfg.prompts), "sft_train.jsonl"), ["prompt", "response"])
+        demos = (read_jsonl(os.path.join(os.path.dirname(cfg.prompts), "sft_train.jsonl"), ["prompt", "response"])
+                 if cfg.few_shot > 0 else [])  # the few-shot examples: the first demonstrations, then a blank line
         prefix = "".join(d["prompt"] + d["response"] + "\n\n" for d in demos[:cfg.few_shot])
         result, _ = evaluate(policy, ref_policy, reward_model, tokenizer, val_prompts, labeler, cfg, ctx,
                              prefix=prefix, best_of=cfg.best_of)

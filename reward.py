@@ -58,11 +58,8 @@ def pairwise_loss(r_chosen, r_rejected):  # (N,), (N,) -> ()
 def load_rankings(path):
     """Each row -> (prompt, [responses best first]). Accepts {"prompt","chosen","rejected"} (K = 2) or
     {"prompt","ranking": [best, ..., worst]} (K >= 2)."""
-    rows = read_jsonl(path, ["prompt"])  # checks the JSON and the prompt; it skips blank lines, so we count lines
-    with open(path, encoding="utf-8") as f:
-        linenos = [lineno for lineno, line in enumerate(f, 1) if line.strip()]
     rankings = []
-    for lineno, row in zip(linenos, rows):
+    for lineno, row in read_jsonl(path, ["prompt"], with_lineno=True):
         if "ranking" in row:
             ranking = row["ranking"]
             if not (isinstance(ranking, list) and len(ranking) >= 2 and all(isinstance(r, str) for r in ranking)):

@@ -46,9 +46,9 @@ if [ "$MODE" = full ]; then
     # PPO-ptx (InstructGPT eq. 2): the pretraining loss mixed into the policy update
     [ -f out/ppo_ptx/eval.json ] || python ppo.py --sft=out/sft --reward=out/rm --out_dir=out/ppo_ptx --ptx_coef=1.0
     # over-optimisation (Gao et al. 2022): the looser the KL leash, the higher the proxy reward...
-    for KL in 1 4 16 64; do
+    for KL in 1 8 64; do
         [ -f out/sweep_kl$KL/eval.json ] || python ppo.py --sft=out/sft --reward=out/rm --out_dir=out/sweep_kl$KL \
-            --target_kl=$KL --n_iters=60
+            --target_kl=$KL --init_kl_coef=0.02
     done
 fi
 python ppo.py --report

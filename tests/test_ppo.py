@@ -350,8 +350,20 @@ def test_eval_of_an_untrained_policy_is_a_tie_with_zero_kl(tmp_path):
     cfg = tiny_config(tmp_path / "run", write_inputs(tmp_path), n_iters=1, lr=0.0)
     result = ppo.main(cfg)
     assert result["win_rate_rm"] == 0.5 and result["rm_score_ppo"] == result["rm_score_sft"]
-    assert abs(result["kl_ppo_sft"]) < 1e-5  # the sampler's KV-cache log-probs vs a full forward: rounding only
+    assert result["kl_ppo_sft"] == 0.0  # both log-probs come from the same full forward of identical weights
     assert all(result[k] is None for k in EVAL_KEYS if "labeler" in k)
+
+def test_best_of_n_beats_its_own_policy_by_the_reward_model_it_is_ranked_by(tmp_path):
+    """Best-of-N (the report's rejection-sampling row): of N samples from SFT keep the one the RM scores highest.
+    By that same RM it can only tie or beat a single SFT sample drawn with the same seed; KL is not estimated (null),
+    and the report gathers the row into out/report.md."""
+    cfg = tiny_config(tmp_path / "out" / "eval_bon", write_inputs(tmp_path), eval_only=True, best_of=4)
+    result = ppo.main(cfg)
+    assert result["rm_score_ppo"] > result["rm_score_sft"] and result["win_rate_rm"] > 0.5
+    assert result["kl_ppo_sft"] is None
+    ppo.main(tiny_config(tmp_path / "out" / "report", {}, report=True))
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert f"| best-of-N from SFT, ranked by the RM | — | — | — | {result['rm_score_ppo']:.3f} | — |" in report
 
 def test_win_rate_counts_ties_as_half():
     """A win counts 1, a tie 1/2, a loss 0 (so identical models score exactly 0.5); no pairs gives NaN, not 0."""

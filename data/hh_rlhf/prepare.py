@@ -16,15 +16,13 @@ Text is kept as is, including any Unicode and a literal "<|endoftext|>" (we alwa
 Long dialogues are not cut here: at training time the prompt is truncated from the left, so it keeps its end.
 """
 import argparse
-import gzip
-import json
 import os
 import sys
 from collections import Counter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repo root, for common.py
-from common import download, write_jsonl  # noqa: E402
+from common import download, read_jsonl, write_jsonl  # noqa: E402
 
 URL = "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main/{subset}/{split}.jsonl.gz"
 SPLITS = {"train": "train", "test": "val"}  # upstream split -> our split
@@ -52,20 +50,6 @@ def parse_hh_row(chosen, rejected):
         return None, "chosen == rejected"  # no preference to learn from
     return {"prompt": prompt, "chosen": chosen_reply, "rejected": rejected_reply}, None
 
-def read_gzip_jsonl(path):
-    """Rows of a gzip JSON-lines file of {"chosen", "rejected"} strings; errors say `path:line: ...`."""
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("chosen", "rejected")):
-                raise ValueError(f"{path}:{lineno}: expected an object with string fields 'chosen' and 'rejected'")
-            yield row
-
 # ----------------------------------------------------------------------------- read -> parse -> write
 
 def main(argv=None):
@@ -91,7 +75,7 @@ def main(argv=None):
             print(f"{split}: no {name} in {args.source}, not written")
             continue
 
-        rows, prefs, skipped = list(read_gzip_jsonl(path)), [], Counter()
+        rows, prefs, skipped = read_jsonl(path, ["chosen", "rejected"]), [], Counter()
         for row in rows:
             example, reason = parse_hh_row(row["chosen"], row["rejected"])
             if reason:
