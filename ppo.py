@@ -211,7 +211,7 @@ def write_report(out_root="out"):
                 e = json.load(f)
             lines.append(f"| {name} | {fmt(e['labeler_score_ppo'])} | {fmt(e['win_rate_labeler'])} | "
                          f"{fmt(e['heldout_win_rate_labeler'])} | {fmt(e['rm_score_ppo'])} | {fmt(e['kl_ppo_sft'])} |")
-            if run.startswith("sweep"):
+            if run.startswith("sweep") or run in ("eval_sft", "ppo"):  # SFT is the sweep's KL = 0 end
                 sweep.append((e["kl_ppo_sft"], e["rm_score_ppo"], e["labeler_score_ppo"]))
     samples_path = os.path.join(out_root, "ppo", "samples.json")
     if os.path.exists(samples_path):
@@ -236,15 +236,15 @@ def write_report(out_root="out"):
             fig.tight_layout()
             fig.savefig(os.path.join(out_root, "ppo_curves.png"))
             lines += ["", "![PPO curves](ppo_curves.png)"]
-        if sweep:
+        if len(sweep) > 2:  # SFT and PPO alone are no sweep
             sweep.sort()
-            fig, ax = plt.subplots(figsize=(5, 3.5))
+            fig, ax = plt.subplots(figsize=(6, 4))
             ax.plot([s[0] for s in sweep], [s[1] for s in sweep], "o-", label="RM score (proxy)")
             ax2 = ax.twinx()
             ax2.plot([s[0] for s in sweep], [s[2] for s in sweep], "s-", color="C1", label="labeler score (gold)")
             ax.set(xlabel="KL(PPO || SFT), nats", ylabel="RM score")
             ax2.set(ylabel="labeler score")
-            fig.legend(loc="lower right")
+            fig.legend(loc="upper center")
             fig.tight_layout()
             fig.savefig(os.path.join(out_root, "overoptimization.png"))
             lines += ["", "![over-optimisation](overoptimization.png)"]

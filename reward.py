@@ -37,7 +37,7 @@ class Config:
     warmup_steps: int = 20
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    eval_interval: int = 50
+    eval_interval: int = 100           # steps between val-accuracy evals (each costs ~5 s on a laptop CPU)
     max_new_tokens: int = 128         # response length for the agreement samples
     seed: int = 1337
     device: str = "auto"
