@@ -168,8 +168,12 @@ def save_checkpoint(path, ckpt):
     assert ckpt.get("kind") in CKPT_KINDS, f"checkpoint kind must be one of {CKPT_KINDS}"
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    finally:  # a failed write leaves neither a half-written checkpoint nor its temp file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 def load_checkpoint(path, kind=None):
     """Load a checkpoint written by save_checkpoint (a run folder works too), checking its kind if given."""

@@ -244,6 +244,9 @@ def read_safetensors(path):
             header = json.loads(f.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ValueError(f"{path}: bad safetensors header (not JSON)") from None
+        if not isinstance(header, dict) or not all(isinstance(v, dict) and "data_offsets" in v and "shape" in v
+                                                   for k, v in header.items() if k != "__metadata__"):
+            raise ValueError(f"{path}: bad safetensors header (each tensor needs dtype, shape, data_offsets)")
         data = bytearray(f.read())  # a writable buffer, so torch.frombuffer needs no copy or warning
     tensors = {}
     for name, info in header.items():

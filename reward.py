@@ -18,7 +18,7 @@ from tqdm import tqdm
 from common import (get_lr, get_tokenizer, load_labeler, log, parse_config, read_jsonl, save_checkpoint, set_seed,
                     setup_device)
 from model import GPT, last_token_scores, load_model
-from sample import generate
+from sample import generate, strip_eos
 from sft import encode_example
 
 @dataclass
@@ -191,9 +191,8 @@ def main(cfg: Config) -> dict:
             with ctx:
                 out = generate(policy, [tokenizer.encode_ordinary(p) for p in prompts], cfg.max_new_tokens,
                                eos_id=tokenizer.eot_token, generator=gen_rng)
-            P = out.prompt_len
-            texts.append([tokenizer.decode(row[P:][m].tolist(), errors="replace").removesuffix("<|endoftext|>")
-                          for row, m in zip(out.tokens, out.response_mask)])  # sync point: eval only
+            texts.append([tokenizer.decode(strip_eos(r, m, tokenizer.eot_token), errors="replace")
+                          for r, m in zip(out.responses, out.response_mask)])  # sync point: eval only
         with torch.no_grad(), ctx:
             rm = [score(model, *encode_for_scoring(tokenizer, prompts, t, block_size, device)) for t in texts]
         gold = [torch.tensor([labeler.score(p, r) for p, r in zip(prompts, t)]) for t in texts]

@@ -5,6 +5,7 @@ culprit.
     python -m pytest tests/test_common.py -q
 """
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -138,6 +139,7 @@ def test_crash_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, mon
     monkeypatch.undo()
     ckpt = common.load_checkpoint(path, "policy")
     assert ckpt["step"] == 1 and torch.equal(ckpt["model"]["w"], torch.ones(3))
+    assert os.listdir(tmp_path / "run") == ["ckpt.pt"]  # and the half-written temp file is cleaned up
 
 # ----------------------------------------------------------------------------- the lr schedule
 
