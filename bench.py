@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import parse_config, setup_device
+from common import run, setup_device
 from model import GPT, GPTConfig
 from sample import generate, left_pad, sample_next
 
@@ -118,4 +118,4 @@ def main(cfg: Config) -> dict:
     return results
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run(main, Config)

@@ -45,6 +45,14 @@ def parse_config(config_cls, argv=None):
         setattr(cfg, key, _coerce(key, text, hints[key]))
     return cfg
 
+def run(main, config_cls):
+    """Entry point of every script: parse --key=value into config_cls, run main, and report bad input (a ValueError
+    or a missing file, whose messages name the file/line/field) as one line on stderr, not a traceback."""
+    try:
+        main(parse_config(config_cls))
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
 def _coerce(key, text, hint):
     # Optional[X] is Union[X, None]: parse as X unless the value is None.
     args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -77,7 +85,8 @@ def setup_device(device="auto", dtype="auto", compile=False):
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"--dtype={dtype}: expected auto, float32 or bfloat16 (there is no fp16 path)")
     # Weights stay fp32; bf16 only enters through autocast, as in nanoGPT.
-    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+    device_type = device.split(":")[0]
+    ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=torch.bfloat16)
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

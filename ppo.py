@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (get_tokenizer, load_checkpoint, load_labeler, log, parse_config, read_jsonl, save_checkpoint,
-                    set_seed, setup_device)
+from common import (get_tokenizer, load_checkpoint, load_labeler, log, read_jsonl, run, save_checkpoint, set_seed,
+                    setup_device)
 from model import GPT, load_model, token_logprobs
 from reward import encode_for_scoring, score
 from sample import best_of_n, generate, strip_eos
@@ -46,7 +46,7 @@ class Config:
     target_kl: float = 1.5             # nats per sequence: a short leash, as our RM is easy to over-optimise
     kl_horizon: int = 500              # how fast β adapts (in rollouts; Ziegler et al. used 10,000 over far more)
     no_eos_score: float = -3.0         # N+ details: a response that never ends gets this instead of the RM's score
-    whiten_rewards: bool = True        # N+ details: whiten the RM scores per batch, so β and the value clip see unit scale
+    whiten_rewards: bool = True        # N+ details: whiten RM scores per batch (β and the value clip see unit scale)
     # PPO
     ppo_epochs: int = 2                # passes over each batch (N+ details use 4; 2 halves our CPU time)
     n_minibatches: int = 4
@@ -457,4 +457,4 @@ def main(cfg: Config) -> dict:
         return json.load(f)
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run(main, Config)

@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (get_lr, get_tokenizer, load_labeler, log, parse_config, read_jsonl, save_checkpoint, set_seed,
-                    setup_device)
+from common import get_lr, get_tokenizer, load_labeler, log, read_jsonl, run, save_checkpoint, set_seed, setup_device
 from model import GPT, last_token_scores, load_model
 from sample import generate, strip_eos
 from sft import encode_example
@@ -210,4 +209,4 @@ def main(cfg: Config) -> dict:
     return result
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run(main, Config)

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from common import get_tokenizer, parse_config, read_jsonl, setup_device
+from common import get_tokenizer, read_jsonl, run, setup_device
 from model import KVCache, last_token_scores, load_model
 
 # ----------------------------------------------------------------------------- generate(): the sampler PPO uses
@@ -267,4 +267,4 @@ def chat(model, tok, cfg, sampling, generator, ctx):
     return {"turns": turns}
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run(main, Config)

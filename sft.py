@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (get_lr, get_tokenizer, load_checkpoint, log, parse_config, read_jsonl, save_checkpoint,
-                    set_seed, setup_device)
+from common import get_lr, get_tokenizer, load_checkpoint, log, read_jsonl, run, save_checkpoint, set_seed, setup_device
 from model import GPT, GPTConfig, load_model
 
 @dataclass
@@ -197,4 +196,4 @@ def main(cfg: Config) -> dict:
     return {"best_val_loss": best_val_loss, "train_loss": train_loss, "step": step}
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run(main, Config)

@@ -43,7 +43,8 @@ def write_story(want, noise, rng, content_rng=None):
     colour = want["colour"] if rng.random() < noise["colour"] else \
         None if rng.random() < 0.8 else rng.choice([c for c in labeler.COLOURS if c != want["colour"]])
     opposite = "sad" if want["mood"] == "happy" else "happy"
-    mood = want["mood"] if rng.random() < noise["mood"] else rng.choice(["neutral", "neutral", "neutral", opposite, "mixed"])
+    wrong_moods = ["neutral", "neutral", "neutral", opposite, "mixed"]  # mostly omissions (see DEMO_NOISE)
+    mood = want["mood"] if rng.random() < noise["mood"] else rng.choice(wrong_moods)
     n = want["count"] or rng.choice([2, 3])
     if rng.random() >= noise["count"]:
         n = rng.choice([k for k in (n - 1, n + 1) if 1 <= k <= 4])
