@@ -3,11 +3,13 @@
 #     bash run.sh          # prepare -> pretrain -> SFT -> reward model -> PPO -> evaluation -> out/report.md
 #     bash run.sh full     # also PPO-ptx and a sweep over the KL target (reward over-optimisation), ~30 min
 #     bash run.sh gpt2     # GPT-2 small on Alpaca/Dolly + HH-RLHF, for one GPU (see the README)
-# Every stage is resumable/skippable: delete out/<stage> to redo it. Device and dtype are picked automatically.
+# Finished stages are skipped and interrupted ones resumed: delete out/<stage> to redo one. Device: automatic.
 set -euo pipefail
 cd "$(dirname "$0")"
 MODE=${1:-quick}
 D=data/stories
+# An interrupted stage picks up from its last checkpoint when run.sh is run again (same data order, same RNG state).
+resume() { [ -f "$1/ckpt.pt" ] && echo --resume || true; }
 
 if [ "$MODE" = gpt2 ]; then
     # GPT-2 small on real data, on one GPU (untested here: this recipe's time and numbers are not measured yet)
@@ -25,16 +27,15 @@ fi
 # -- data: instructions, noisy demonstrations, K=4 rankings by the scripted labeler, prompts (deterministic)
 python $D/prepare.py
 # -- a "base model": next-token pretraining on unconditioned stories (stands in for GPT-3)
-[ -f out/base/ckpt.pt ] || python sft.py --mode=pretrain --data=$D/pretrain_train.jsonl --out_dir=out/base \
-    --max_steps=400 --lr=1e-3
+python sft.py --mode=pretrain --data=$D/pretrain_train.jsonl --out_dir=out/base --max_steps=400 --lr=1e-3 \
+    $(resume out/base)
 # -- step 1, SFT: loss on the demonstrations' response tokens only
-[ -f out/sft/ckpt.pt ] || python sft.py --init=out/base --data=$D/sft_train.jsonl --out_dir=out/sft \
-    --max_steps=400 --lr=5e-4 --warmup_steps=20
+python sft.py --init=out/base --data=$D/sft_train.jsonl --out_dir=out/sft --max_steps=400 --lr=5e-4 \
+    --warmup_steps=20 $(resume out/sft)
 # -- step 2, the reward model: SFT trunk + scalar head, trained on all C(4,2) pairs of each ranking
 [ -f out/rm/ckpt.pt ] || python reward.py --init=out/sft --data=$D/prefs_train.jsonl --out_dir=out/rm
 # -- step 3, PPO against the RM with a KL penalty to the SFT model
-[ -f out/ppo/eval.json ] || python ppo.py --sft=out/sft --reward=out/rm --prompts=$D/prompts_train.jsonl \
-    --out_dir=out/ppo
+python ppo.py --sft=out/sft --reward=out/rm --prompts=$D/prompts_train.jsonl --out_dir=out/ppo $(resume out/ppo)
 # -- the report's other rows, each judged against SFT on the same val prompts
 EVAL="python ppo.py --eval_only --sft=out/sft --reward=out/rm --prompts=$D/prompts_train.jsonl"
 [ -f out/eval_base/eval.json ] || $EVAL --policy=out/base --out_dir=out/eval_base
@@ -44,11 +45,11 @@ EVAL="python ppo.py --eval_only --sft=out/sft --reward=out/rm --prompts=$D/promp
 [ -f out/eval_bon/eval.json ] || $EVAL --best_of=8 --out_dir=out/eval_bon
 if [ "$MODE" = full ]; then
     # PPO-ptx (InstructGPT eq. 2): the pretraining loss mixed into the policy update
-    [ -f out/ppo_ptx/eval.json ] || python ppo.py --sft=out/sft --reward=out/rm --out_dir=out/ppo_ptx --ptx_coef=1.0
+    python ppo.py --sft=out/sft --reward=out/rm --out_dir=out/ppo_ptx --ptx_coef=1.0 $(resume out/ppo_ptx)
     # over-optimisation (Gao et al. 2022): the looser the KL leash, the higher the proxy reward...
     for KL in 1 8 64; do
-        [ -f out/sweep_kl$KL/eval.json ] || python ppo.py --sft=out/sft --reward=out/rm --out_dir=out/sweep_kl$KL \
-            --target_kl=$KL --init_kl_coef=0.02
+        python ppo.py --sft=out/sft --reward=out/rm --out_dir=out/sweep_kl$KL --target_kl=$KL --init_kl_coef=0.02 \
+            $(resume out/sweep_kl$KL)
     done
 fi
 python ppo.py --report
