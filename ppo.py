@@ -24,7 +24,7 @@ from common import (get_tokenizer, load_checkpoint, load_labeler, log, read_json
                     setup_device)
 from model import GPT, load_model, token_logprobs
 from reward import encode_for_scoring, score
-from sample import best_of_n, generate, strip_eos
+from sample import best_of_n, generate
 from sft import lm_loss, load_examples, make_batch
 
 @dataclass
@@ -160,17 +160,17 @@ def evaluate(policy, sft_policy, reward_model, tokenizer, prompts, labeler, cfg,
             if name == "ppo" and best_of > 1:
                 responses, _ = best_of_n(model, reward_model, prompt_ids, best_of, cfg.max_new_tokens,
                                          temperature=cfg.temperature, eos_id=tokenizer.eot_token, generator=generator)
+                texts[name] = [tokenizer.decode(r, errors="replace") for r in responses]
             else:
                 out = generate(model, prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature,
                                eos_id=tokenizer.eot_token, generator=generator)
-                responses = [strip_eos(r, m, tokenizer.eot_token) for r, m in zip(out.responses, out.response_mask)]
+                texts[name] = out.texts(tokenizer)
             if name == "ppo" and not prefix and best_of == 1:  # KL(π || π_sft) on π's samples, per sequence
                 logprobs = [response_logprobs(m, out.tokens, out.attention_mask, out.prompt_len, cfg.temperature)[0]
                             for m in (policy, sft_policy)]  # the same code path for both, as in training
                 result["kl_ppo_sft"] = ((logprobs[0] - logprobs[1]) * out.response_mask).sum(1).mean().item()
             elif name == "ppo":
                 result["kl_ppo_sft"] = None
-            texts[name] = [tokenizer.decode(r, errors="replace") for r in responses]
             if name == "ppo" and (prefix or best_of > 1):
                 # the RM reads the plain prompt (no few-shot prefix) and the response, closed by end-of-text
                 tokens, mask = encode_for_scoring(tokenizer, prompts, texts[name], reward_model.config.block_size,
@@ -442,8 +442,7 @@ def main(cfg: Config) -> dict:
                   "response/eos_share": has_eos.float().mean().item(), "time/rollout_s": t_rollout,
                   "time/iteration_s": time.time() - t0}
         if labeler is not None:  # the gold judge's view of the same samples, which the policy never sees
-            texts = [tokenizer.decode(strip_eos(r, m, tokenizer.eot_token), errors="replace")
-                     for r, m in zip(tokens[:, P:], response_mask)]
+            texts = rollout.texts(tokenizer)
             record["objective/labeler_score"] = sum(map(labeler.score, batch_prompts, texts)) / len(texts)
         bar.set_postfix_str(f"score {record['objective/scores']:+.2f} | kl {mean_kl:.2f} | β {kl_coef:.3f}"
                             + (f" | gold {record['objective/labeler_score']:.3f}" if labeler else ""))

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from common import get_lr, get_tokenizer, load_labeler, log, read_jsonl, run, save_checkpoint, set_seed, setup_device
 from model import GPT, last_token_scores, load_model
-from sample import generate, strip_eos
+from sample import generate
 from sft import encode_example
 
 @dataclass
@@ -190,8 +190,7 @@ def main(cfg: Config) -> dict:
             with ctx:
                 out = generate(policy, [tokenizer.encode_ordinary(p) for p in prompts], cfg.max_new_tokens,
                                eos_id=tokenizer.eot_token, generator=gen_rng)
-            texts.append([tokenizer.decode(strip_eos(r, m, tokenizer.eot_token), errors="replace")
-                          for r, m in zip(out.responses, out.response_mask)])  # sync point: eval only
+            texts.append(out.texts(tokenizer))  # sync point: eval only
         with torch.no_grad(), ctx:
             rm = [score(model, *encode_for_scoring(tokenizer, prompts, t, block_size, device)) for t in texts]
         gold = [torch.tensor([labeler.score(p, r) for p, r in zip(prompts, t)]) for t in texts]

@@ -40,6 +40,11 @@ class Generation:
     def responses(self):  # (B, N)
         return self.tokens[:, self.prompt_len:]
 
+    def texts(self, tokenizer):
+        """The responses as text, without the end-of-text: what the labeler and a reader see."""
+        return [tokenizer.decode(strip_eos(r, m, tokenizer.eot_token), errors="replace")
+                for r, m in zip(self.responses, self.response_mask)]
+
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """Draw one token per row: logits (B, V) -> tokens (B,), logprobs (B,). Tensor ops only, no host sync.
     The log-prob is under the distribution actually sampled from: temperature-scaled, top-k/top-p renormalised,
@@ -230,8 +235,7 @@ def main(cfg: Config) -> dict:
             with ctx:
                 gen = generate(model, rows[i:i + cfg.batch_size], cfg.max_new_tokens, generator=generator,
                                **sampling)
-            samples[name] += [decode(strip_eos(r, m, tok.eot_token)) for r, m in zip(gen.responses,
-                                                                                      gen.response_mask)]
+            samples[name] += gen.texts(tok)
         model.cpu()  # free the device for the next model
     for r in range(len(rows)):
         print(f"{'=' * 40} prompt {r // cfg.num_samples}, sample {r % cfg.num_samples}\n{texts[r // cfg.num_samples]}")
