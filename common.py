@@ -4,8 +4,8 @@ config overrides, device/dtype, seeding, tokenizers, JSON lines, downloads, chec
 """
 import ast
 import dataclasses
-import gzip
 import difflib
+import gzip
 import importlib.util
 import inspect
 import json

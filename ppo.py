@@ -153,6 +153,7 @@ def evaluate(policy, sft_policy, reward_model, tokenizer, prompts, labeler, cfg,
     For the report, π may also be prompted with a few-shot `prefix`, or be best-of-`best_of` sampling ranked by
     the RM; KL is then not estimated (null), since π's own log-probs are not those of the text it returned."""
     device = next(policy.parameters()).device
+    is_plain_sample = not prefix and best_of == 1  # π's text is exactly what π sampled, with its own log-probs
     result, texts, rm_scores, gold = {"n_prompts": len(prompts)}, {}, {}, {}
     for name, model in (("ppo", policy), ("sft", sft_policy)):
         generator = torch.Generator(device=device).manual_seed(cfg.seed + 12345)  # the same draws for both models
@@ -166,13 +167,13 @@ def evaluate(policy, sft_policy, reward_model, tokenizer, prompts, labeler, cfg,
                 out = generate(model, prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature,
                                eos_id=tokenizer.eot_token, generator=generator)
                 texts[name] = out.texts(tokenizer)
-            if name == "ppo" and not prefix and best_of == 1:  # KL(π || π_sft) on π's samples, per sequence
+            if name == "ppo" and is_plain_sample:  # KL(π || π_sft) on π's samples, per sequence
                 logprobs = [response_logprobs(m, out.tokens, out.attention_mask, out.prompt_len, cfg.temperature)[0]
                             for m in (policy, sft_policy)]  # the same code path for both, as in training
                 result["kl_ppo_sft"] = ((logprobs[0] - logprobs[1]) * out.response_mask).sum(1).mean().item()
             elif name == "ppo":
                 result["kl_ppo_sft"] = None
-            if name == "ppo" and (prefix or best_of > 1):
+            if name == "ppo" and not is_plain_sample:
                 # the RM reads the plain prompt (no few-shot prefix) and the response, closed by end-of-text
                 tokens, mask = encode_for_scoring(tokenizer, prompts, texts[name], reward_model.config.block_size,
                                                   device)

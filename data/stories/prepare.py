@@ -112,7 +112,8 @@ def main(out=HERE, seed=1337, scale=1.0):
                 noise = dict(animal=(1 + skill) / 2, colour=skill, mood=skill, count=skill, repeat=(1 - skill) / 4,
                              cut=0.05)
                 # The K responses share their content words, so that what differs is mostly what the labeler
-                # checks: a tiny RM learns "the animal must match the prompt" from such pairs far faster.
+                # checks (near-minimal pairs). Even so, our 2-minute RM orders animal-only pairs at about chance
+                # (README, "What this says"): comparing the response with the prompt is what it fails to learn.
                 response = write_story(want, noise, rng, random.Random(content_seed))
                 if response not in responses:
                     responses.append(response)
