@@ -7,7 +7,7 @@ the bias shift that makes demonstrations score 0, and a tiny run that learns. Ti
 import math
 import os
 import random
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -165,8 +165,8 @@ def rm_run(tmp_path_factory):
                                   "model": policy.state_dict(), "tokenizer": "bytes", "step": 0, "config": {}})
     cfg = reward.Config(out_dir=str(data / "rm"), init=init, data=str(data / "prefs_train.jsonl"),
                         sft_data=str(data / "sft_train.jsonl"), n_normalize=8, prompts=str(data / "prompts.jsonl"),
-                        n_agreement=16, batch_size=8, lr=3e-3, warmup_steps=2, eval_interval=8, max_new_tokens=8,
-                        device="cpu", dtype="float32")
+                        n_agreement=16, batch_size=8, freeze_layers=1, group_by_length=4, lr=3e-3, warmup_steps=2,
+                        eval_interval=8, max_new_tokens=8, device="cpu", dtype="float32")
     return cfg, reward.main(cfg)
 
 def test_tiny_reward_model_run_learns_the_preference(rm_run):
@@ -177,6 +177,37 @@ def test_tiny_reward_model_run_learns_the_preference(rm_run):
     assert 0.0 <= result["labeler_agreement"] <= 1.0  # nan (no decided pairs) would fail both comparisons
     ckpt = common.load_checkpoint(cfg.out_dir, "reward")
     assert ckpt["val_accuracy"] == result["val_accuracy"] and ckpt["model_config"]["scalar_head"]
+
+def test_frozen_lower_blocks_keep_their_sft_weights_and_the_top_block_learns(rm_run):
+    """The RM trains only its top blocks (freeze_layers): the embeddings and the lowest block come out of training
+    bit-identical to the SFT model they started from, while the top block has moved."""
+    cfg, _ = rm_run
+    sft = common.load_checkpoint(cfg.init, "policy")["model"]
+    rm = common.load_checkpoint(cfg.out_dir, "reward")["model"]
+    frozen = [k for k in rm if k.startswith(("transformer.wte.", "transformer.wpe.", "transformer.h.0."))]
+    trained = [k for k in rm if k.startswith("transformer.h.1.") and k.endswith(".weight")]
+    assert frozen and trained
+    assert all(torch.equal(rm[k], sft[k]) for k in frozen)
+    assert not any(torch.equal(rm[k], sft[k]) for k in trained)
+
+def test_freezing_every_block_is_a_one_line_error(rm_run):
+    cfg, _ = rm_run
+    with pytest.raises(ValueError) as excinfo:
+        reward.main(replace(cfg, freeze_layers=TINY["n_layer"]))
+    one_line_error(excinfo, "freeze_layers=2")
+
+def test_length_grouped_batches_keep_every_ranking_once_and_need_less_padding():
+    """Length grouping reorders, never drops or repeats: the batches hold each index once. Batches cut from sorted
+    groups pad less than a plain cut of the same shuffled order, and group=0 is that plain cut."""
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 200) for _ in range(200)]
+    order = torch.randperm(200, generator=torch.Generator().manual_seed(0)).tolist()
+    padding = lambda batches: sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches)
+    plain = reward.length_grouped_batches(order, lengths, 8, 0, torch.Generator().manual_seed(0))
+    grouped = reward.length_grouped_batches(order, lengths, 8, 8, torch.Generator().manual_seed(0))
+    assert plain == [order[i:i + 8] for i in range(0, 200, 8)]
+    assert sorted(i for b in grouped for i in b) == list(range(200)) and all(len(b) == 8 for b in grouped)
+    assert padding(grouped) < 0.5 * padding(plain)
 
 def test_reward_normalisation_makes_demonstrations_score_zero_on_average(rm_run):
     """InstructGPT §3.5: the RM's bias is shifted so that the SFT demonstrations average a reward of 0 (the loss

@@ -22,7 +22,7 @@ import labeler  # noqa: E402
 from common import write_jsonl  # noqa: E402
 
 # Rows per split. Stories are ~30-120 bytes, so 20k pretraining stories are ~1.1 MB of text.
-SIZES = {"pretrain": (20_000, 1_000), "sft": (5_000, 500), "prefs": (3_000, 300), "prompts": (2_000, 200)}
+SIZES = {"pretrain": (20_000, 1_000), "sft": (5_000, 500), "prefs": (5_000, 300), "prompts": (2_000, 200)}
 # The demonstrator's reliability: the chance it honours each attribute, independently (perfect ~17% of the time).
 # Most errors are omissions (no colour, no mood word, a sentence too many or too few) rather than wrong choices:
 # a tiny reward model learns "is the colour there?" within our CPU budget, but barely learns "does it match the
@@ -153,8 +153,8 @@ if __name__ == "__main__":
     args = parser.parse_args()
     main(args.out, args.seed)
 
-# Expected output (seed 1337, ~3 s on a laptop CPU, most of it importing torch through common.py):
-# prefs_train.jsonl        3,000 rows
+# Expected output (seed 1337, ~4 s on a laptop CPU, most of it importing torch through common.py):
+# prefs_train.jsonl        5,000 rows
 # prefs_val.jsonl            300 rows
 # pretrain_train.jsonl    20,000 rows
 # pretrain_val.jsonl       1,000 rows
@@ -162,15 +162,15 @@ if __name__ == "__main__":
 # prompts_val.jsonl          200 rows
 # sft_train.jsonl          5,000 rows
 # sft_val.jsonl              500 rows
-# labeler score of demonstrations: mean 0.675 (best achievable 1.000), 17.7% perfect
-# score spread (best - worst) within a ranking: mean 0.616
+# labeler score of demonstrations: mean 0.710 (best achievable 1.000), 14.3% perfect
+# score spread (best - worst) within a ranking: mean 0.565
 # held-out (animal, mood) [('bear', 'sad'), ('bird', 'happy'), ('fox', 'sad')]: 60 of 200 val prompts
-# --- score 0.88
-# Write a happy story about a green goat in 2 sentences.
-# A green goat laughed on a hill. It walked near the sea. The goat sang a song.
+# --- score 0.80
+# Write a sad story about a blue dog.
+# A brown dog sat near the sea. The dog cried all day.
 # --- score 0.74
-# Write a sad story about a pink duck in 1 sentence.
-# A duck sighed in the woods. The duck went home.
-# --- score 0.26
-# Write a sad story about a brown bird in 2 sentences.
-# A bear slept by the pond. It felt glad.
+# Write a happy story about a brown cat in 1 sentence.
+# A cat sang near the sea. The cat felt glad.
+# --- score 1.00
+# Write a sad story about a blue duck in 1 sentence.
+# A blue duck wept by the pond.
