@@ -24,10 +24,8 @@ from common import write_jsonl  # noqa: E402
 # Rows per split. Stories are ~30-120 bytes, so 20k pretraining stories are ~1.1 MB of text.
 SIZES = {"pretrain": (20_000, 1_000), "sft": (5_000, 500), "prefs": (5_000, 300), "prompts": (2_000, 200)}
 # The demonstrator's reliability: the chance it honours each attribute, independently (perfect ~17% of the time).
-# Most errors are omissions (no colour, no mood word, a sentence too many or too few) rather than wrong choices:
-# a tiny reward model learns "is the colour there?" within our CPU budget, but barely learns "does it match the
-# prompt's colour?" (we measured chance-level accuracy on wrong-animal pairs after a 2-minute RM run). Wrong choices
-# stay, rarer, so the labeler still has something to catch that the RM may miss.
+# Most errors are omissions (no colour, no mood word, a sentence too many or too few) rather than wrong choices,
+# and the animal is usually right: the SFT model inherits this unevenness, and RLHF has it to fix.
 DEMO_NOISE = {"animal": 0.85, "colour": 0.5, "mood": 0.5, "count": 0.6, "repeat": 0.05, "cut": 0.0}
 K = 4               # responses ranked per prompt
 HELDOUT_VAL = 0.3   # share of prompts_val drawn from the held-out combinations
@@ -109,11 +107,12 @@ def main(out=HERE, seed=1337, scale=1.0):
             responses, content_seed = [], rng.random()
             while len(responses) < K:
                 skill = rng.uniform(0.3, 1.0)
-                noise = dict(animal=(1 + skill) / 2, colour=skill, mood=skill, count=skill, repeat=(1 - skill) / 4,
+                noise = dict(animal=skill, colour=skill, mood=skill, count=skill, repeat=(1 - skill) / 4,
                              cut=0.05)
                 # The K responses share their content words, so that what differs is mostly what the labeler
-                # checks (near-minimal pairs). Even so, our 2-minute RM orders animal-only pairs at about chance
-                # (README, "What this says"): comparing the response with the prompt is what it fails to learn.
+                # checks (near-minimal pairs). The animal goes wrong as often as any attribute (~35% of responses):
+                # with half as many wrong animals our 2-minute RM never learned to compare the response's animal
+                # with the prompt's (animal-only pairs at 0.40-0.66), with these it does (0.96; README).
                 response = write_story(want, noise, rng, random.Random(content_seed))
                 if response not in responses:
                     responses.append(response)
@@ -162,15 +161,15 @@ if __name__ == "__main__":
 # prompts_val.jsonl          200 rows
 # sft_train.jsonl          5,000 rows
 # sft_val.jsonl              500 rows
-# labeler score of demonstrations: mean 0.710 (best achievable 1.000), 14.3% perfect
-# score spread (best - worst) within a ranking: mean 0.565
+# labeler score of demonstrations: mean 0.712 (best achievable 1.000), 14.8% perfect
+# score spread (best - worst) within a ranking: mean 0.611
 # held-out (animal, mood) [('bear', 'sad'), ('bird', 'happy'), ('fox', 'sad')]: 60 of 200 val prompts
-# --- score 0.80
-# Write a sad story about a blue dog.
-# A brown dog sat near the sea. The dog cried all day.
+# --- score 0.41
+# Write a happy story about a brown cat.
+# A brown bear sat on a hill.
 # --- score 0.74
-# Write a happy story about a brown cat in 1 sentence.
-# A cat sang near the sea. The cat felt glad.
-# --- score 1.00
-# Write a sad story about a blue duck in 1 sentence.
-# A blue duck wept by the pond.
+# Write a sad story about a pink duck in 3 sentences.
+# A duck wept on a hill. The duck was very sad. It was very sad. It walked near the sea.
+# --- score 0.41
+# Write a sad story about a brown bird in 2 sentences.
+# A brown bear slept near the sea. It walked on a hill.
