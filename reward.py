@@ -112,11 +112,12 @@ def length_grouped_batches(order, lengths, batch_size, group, generator):
     worth of indices is sorted by length before it is cut, then all batches are shuffled, so a batch holds
     rankings of similar length but the batch order stays random (HF Trainer's group_by_length does the same).
     Every index lands in exactly one batch. group <= 1 is the plain cut."""
-    chunk = batch_size * max(1, group)
-    runs = [sorted(order[i:i + chunk], key=lambda j: lengths[j]) if group > 1 else order[i:i + chunk]
-            for i in range(0, len(order), chunk)]
-    batches = [run[i:i + batch_size] for run in runs for i in range(0, len(run), batch_size)]
-    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()] if group > 1 else batches
+    if group <= 1:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    chunk = batch_size * group
+    groups = [sorted(order[i:i + chunk], key=lambda j: lengths[j]) for i in range(0, len(order), chunk)]
+    batches = [g[i:i + batch_size] for g in groups for i in range(0, len(g), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 # ----------------------------------------------------------------------------- config -> data -> model -> loop -> save
 
