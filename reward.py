@@ -30,15 +30,15 @@ class Config:
     n_normalize: int = 512            # how many demonstrations to average for that shift
     prompts: str = "data/stories/prompts_val.jsonl"  # for RM-vs-labeler agreement on fresh SFT samples
     n_agreement: int = 128            # prompts sampled for that check (0 = skip)
-    batch_size: int = 8               # rankings per step (each holds K responses and C(K,2) pairs)
+    batch_size: int = 4               # rankings per step (each holds K responses and C(K,2) pairs)
     freeze_layers: int = 2            # the embeddings and this many lowest blocks keep their SFT weights
     group_by_length: int = 8          # batches per length-sorted group, to cut padding (0 = plain shuffle)
     epochs: int = 1                   # InstructGPT trains the RM for one epoch: more over-fits
-    lr: float = 1e-3                  # InstructGPT's 6B RM used 9e-6; our tiny byte model wants far more
+    lr: float = 5e-4                  # InstructGPT's 6B RM used 9e-6; our tiny byte model wants far more
     warmup_steps: int = 20
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    eval_interval: int = 250          # steps between val-accuracy evals (each costs ~4 s on a laptop CPU)
+    eval_interval: int = 500          # steps between val-accuracy evals (each costs ~4 s on a laptop CPU)
     max_new_tokens: int = 128         # response length for the agreement samples
     seed: int = 1337
     device: str = "auto"
