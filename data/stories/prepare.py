@@ -112,7 +112,8 @@ def main(out=HERE, seed=1337, scale=1.0):
                 # The K responses share their content words, so that what differs is mostly what the labeler
                 # checks (near-minimal pairs). The animal goes wrong as often as any attribute (~35% of responses):
                 # with half as many wrong animals our 2-minute RM never learned to compare the response's animal
-                # with the prompt's (animal-only pairs at 0.38-0.66); with these it learns it (0.81-0.90 over 3 seeds; README).
+                # with the prompt's (animal-only pairs at 0.38-0.66); with these it learns to (0.81-0.90 over
+                # 3 seeds; README).
                 response = write_story(want, noise, rng, random.Random(content_seed))
                 if response not in responses:
                     responses.append(response)
