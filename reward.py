@@ -166,7 +166,8 @@ def main(cfg: Config) -> dict:
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay)
     rng = torch.Generator().manual_seed(cfg.seed)
     order = torch.cat([torch.randperm(len(train), generator=rng) for _ in range(cfg.epochs)]).tolist()
-    # A batch is padded to its longest response, so batches are cut from length-sorted groups.
+    # A batch is padded to its longest sequence, so batches are cut from length-sorted groups. Lengths in characters
+    # (a proxy for tokens) save tokenizing the data twice: the batches are encoded in ranking_loss.
     lengths = [max(len(p) + len(r) for r in ranking) for p, ranking in train]
     batches = length_grouped_batches(order, lengths, cfg.batch_size, cfg.group_by_length, rng)
     bar = tqdm(batches, desc="reward", dynamic_ncols=True)
