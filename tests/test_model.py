@@ -205,6 +205,23 @@ def test_interrupted_download_leaves_no_complete_looking_file_and_a_rerun_finish
 
 # ----------------------------------------------------------------------------- KV cache and padding
 
+def test_logits_in_vocabulary_slices_equal_one_gemm_and_train_the_tied_embedding(monkeypatch):
+    """On CPU a large vocabulary's logits are computed slice by slice (model.LOGITS_CHUNK): the logits and the
+    gradient reaching the tied token embedding are those of the single nn.Linear."""
+    import model as model_module
+    gpt = tiny_gpt(vocab_size=10_000, n_layer=1, n_embd=16)
+    idx = torch.randint(0, 10_000, (3, 7), generator=torch.Generator().manual_seed(0))
+    results, default_chunk = [], model_module.LOGITS_CHUNK
+    assert 4 * default_chunk < 10_000  # so the first pass takes the sliced path
+    for chunk in (default_chunk, 10**9):  # sliced (the default), then one GEMM
+        monkeypatch.setattr(model_module, "LOGITS_CHUNK", chunk)
+        gpt.zero_grad()
+        logits = gpt(idx)
+        logits.logsumexp(-1).sum().backward()
+        results.append((logits.detach(), gpt.transformer.wte.weight.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=0)
+
 def test_kv_cache_decode_matches_full_forward_on_left_padded_batch():
     """Prefill a left-padded ragged batch into the cache, then feed one token at a time: every real position's
     logits equal one full forward over the whole sequence. This is what lets PPO score rollouts with a single

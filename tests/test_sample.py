@@ -44,6 +44,29 @@ def test_batch_equals_prompts_one_at_a_time():
         assert gen.responses[i].tolist() == alone.responses[0].tolist()
         torch.testing.assert_close(gen.logprobs[i], alone.logprobs[0], atol=1e-5, rtol=0)  # fp32, padded shapes
 
+def test_prefill_in_length_buckets_equals_one_padded_prefill():
+    """Prefilling length-sorted groups of rows, each cut to its own longest prompt, fills the cache and predicts the
+    first token as one forward over the whole left-padded batch does (padding slots aside: they stay masked)."""
+    model = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(257, (int(n),), generator=g).tolist() for n in torch.randint(1, 30, (32,), generator=g)]
+    tokens, is_real = sample.left_pad(prompts, 30, 0)
+    P = max(map(len, prompts))
+    caches = [sample.KVCache(model.config, 32, 40, "cpu") for _ in range(2)]
+    with torch.no_grad():
+        one = sample.prefill(model, tokens[:, :P], is_real[:, :P], caches[0], torch.float32, max_buckets=1)
+        bucketed = sample.prefill(model, tokens[:, :P], is_real[:, :P], caches[1], torch.float32)  # 4 groups of 8
+    torch.testing.assert_close(bucketed, one, atol=1e-5, rtol=0)
+    is_filled = is_real[:, :P][None, :, None, :, None]  # (1, B, 1, P, 1): the real prompt slots
+    for bucketed_kv, one_kv in ((caches[1].k, caches[0].k), (caches[1].v, caches[0].v)):
+        torch.testing.assert_close(bucketed_kv[..., :P, :] * is_filled, one_kv[..., :P, :] * is_filled,
+                                   atol=1e-5, rtol=0)
+        assert (bucketed_kv[..., P:, :] == 0).all()  # response slots untouched
+    # and through generate(): a batch of 32 (4 buckets) still equals its prompts one at a time
+    gen = sample.generate(model, prompts, 6, temperature=0)
+    for i in (0, 13, 31):
+        assert gen.responses[i].tolist() == sample.generate(model, [prompts[i]], 6, temperature=0).responses[0].tolist()
+
 def test_top_k_one_and_tiny_top_p_equal_greedy():
     """top_k=1 and a nucleus of tiny mass both leave only the most likely token, whatever the temperature."""
     model = tiny_model()
