@@ -8,13 +8,15 @@ the padding mask (N+ details, Huang et al. 2024), so a prompt gets the same toke
     python sample.py --ckpt=out/ppo --chat                            # interactive, tokens stream as sampled
     python sample.py --ckpt=out/sft --best_of=8 --reward=out/rm      # best-of-N against the reward model
     python sample.py --ckpt=out/ppo --compare=out/sft                 # same prompts and seed, both models
+    echo "Write a sad story about a white cat." | python sample.py --ckpt=out/ppo --prompt=-      # from stdin
 --prompt is the exact text that precedes the response (the stories prompts end in a newline: use bash's $'...\\n').
 --prompt=FILE:path reads prompts from a file: a .jsonl file gives one prompt per row's "prompt" field (the format
-of data/*/prompts_*.jsonl), any other file is one prompt. An empty --prompt= samples unconditionally, starting
-from <|endoftext|> as GPT-2's documents do. Text is printed with errors="replace", since a byte-level model can
-stop in the middle of a UTF-8 character.
+of data/*/prompts_*.jsonl), any other file is one prompt. --prompt=- reads one prompt from standard input (echo's
+newline included). An empty --prompt= samples unconditionally, starting from <|endoftext|> as GPT-2's documents
+do. Text is printed with errors="replace", since a byte-level model can stop in the middle of a UTF-8 character.
 """
 import codecs
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -199,7 +201,7 @@ def strip_eos(response, response_mask, eos_id):
 class Config:
     ckpt: str = "out/sft"             # the policy: a run folder or its ckpt.pt
     init: str = ""                    # sample from OpenAI's weights instead: gpt2, gpt2-medium, ... or a HF folder
-    prompt: str = "Write a happy story about a green frog.\n"  # text, FILE:path, or empty (see the docstring)
+    prompt: str = "Write a happy story about a green frog.\n"  # text, FILE:path, - (stdin), or empty (docstring)
     num_samples: int = 4              # samples per prompt
     max_new_tokens: int = 200
     temperature: float = 1.0          # 0 = greedy
@@ -224,7 +226,9 @@ def main(cfg: Config) -> dict:
     if cfg.chat:
         return chat(policy.to(device), tok, cfg, sampling, generator.manual_seed(cfg.seed), ctx)
     texts = [cfg.prompt]
-    if cfg.prompt.startswith("FILE:"):
+    if cfg.prompt == "-":  # the prompt from standard input: echo "Write a sad story about a cat." | ... --prompt=-
+        texts = [sys.stdin.read()]
+    elif cfg.prompt.startswith("FILE:"):
         path = cfg.prompt.removeprefix("FILE:")
         if path.endswith(".jsonl"):
             texts = [row["prompt"] for row in read_jsonl(path, ["prompt"])]

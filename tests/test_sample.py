@@ -3,6 +3,7 @@ The sampler against obvious references: a loop that re-runs the whole sequence f
 time, and a fresh full forward for the log-probs. Tiny seeded models on CPU, no network.
     python -m pytest tests/test_sample.py -q
 """
+import io
 from dataclasses import asdict
 
 import pytest
@@ -148,6 +149,19 @@ def test_cli_samples_compares_and_picks_best_of_n_from_a_checkpoint(tmp_path, ca
     cfg.compare, cfg.best_of, cfg.reward = "", 3, str(tmp_path / "reward")
     assert len(sample.main(cfg)["samples"][cfg.ckpt]) == 1
     assert "best of 3, reward" in capsys.readouterr().out
+
+def test_cli_reads_the_prompt_from_stdin(tmp_path, capsys, monkeypatch):
+    """`--prompt=-` samples from the text on standard input exactly as if it had been given inline."""
+    model = tiny_model()
+    save_checkpoint(str(tmp_path / "ckpt.pt"), dict(kind="policy", model_config=asdict(model.config),
+                    model=model.state_dict(), tokenizer="bytes", step=0, config={}))
+    cfg = sample.Config(ckpt=str(tmp_path), prompt="Once upon\n", num_samples=2, max_new_tokens=20, device="cpu",
+                        dtype="float32")
+    inline = sample.main(cfg)["samples"][cfg.ckpt]
+    monkeypatch.setattr("sys.stdin", io.StringIO("Once upon\n"))
+    cfg.prompt = "-"
+    assert sample.main(cfg)["samples"][cfg.ckpt] == inline
+    assert capsys.readouterr().out.count("Once upon\n") == 4
 
 def test_chat_streams_the_same_text_generate_returns(tmp_path, capsys, monkeypatch):
     """Chat mode prints each token as it is sampled; the streamed reply is exactly the text generate() returns
