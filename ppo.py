@@ -42,10 +42,10 @@ class Config:
     temperature: float = 0.7           # sampling temperature; the log-probs are recomputed at the same one
     # the reward
     init_kl_coef: float = 0.1          # β at the start (InstructGPT: 0.02, fixed, on their RM's scale); 0.2 left
-                                       # the controller short of its target after 40 iterations (KL 0.9)
+                                       # the controller short of an earlier 1.5-nat target after 40 iterations
     adaptive_kl: bool = True           # adapt β toward target_kl (Ziegler et al. 2019 §2.2)
-    target_kl: float = 3.0             # nats per sequence. At 1.5 PPO barely moved (win rate 0.59); 3-4 nats did
-                                       # better (0.61-0.64, README) with no sign yet of over-optimising this RM
+    target_kl: float = 3.0             # nats per sequence. At 1.5 PPO barely moved (win rate 0.59), at 3-4 nats it
+                                       # did better (0.61-0.64), at 6-7 it over-optimises the RM (README's sweep)
     kl_horizon: int = 500              # how fast β adapts (in rollouts; Ziegler et al. used 10,000 over far more)
     no_eos_score: float = -3.0         # N+ details: a response that never ends gets this instead of the RM's score
     whiten_rewards: bool = True        # N+ details: whiten RM scores per batch (β and the value clip see unit scale)
