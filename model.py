@@ -160,9 +160,9 @@ class GPT(nn.Module):
         if self.config.scalar_head:
             return self.score_head(x).squeeze(-1)  # (B, T)
         if x.device.type == "cpu" and self.config.vocab_size > 4 * LOGITS_CHUNK:
-            # On CPU, one GEMM 50257 outputs wide runs ~1.4x slower than the same GEMM cut into 2048-wide slices of
-            # the vocabulary (torch 2.13, 2 cores, 8-1024 rows; bench.py). Same dot products, so the same logits;
-            # at batch 32 the LM head is a third of a GPT-2-small decode step.
+            # On CPU, one GEMM 50257 outputs wide ran ~1.4x slower than the same GEMM cut into 2048-wide slices of
+            # the vocabulary (torch 2.13, 2 cores, 8 to 1024 rows; README, "Speed"). Same dot products, so the same
+            # logits; at batch 32 the LM head is a third of a GPT-2-small decode step.
             return torch.cat([F.linear(x, w) for w in self.lm_head.weight.split(LOGITS_CHUNK)], -1)  # (B, T, V)
         return self.lm_head(x)  # (B, T, V)
 
