@@ -31,7 +31,7 @@ class Config:
     prompts: str = "data/stories/prompts_val.jsonl"  # for RM-vs-labeler agreement on fresh SFT samples
     n_agreement: int = 128            # prompts sampled for that check (0 = skip)
     batch_size: int = 4               # rankings per step (each holds K responses and C(K,2) pairs)
-    freeze_layers: int = 2            # the embeddings and this many lowest blocks keep their SFT weights
+    freeze_layers: int = 1            # the embeddings and this many lowest blocks keep their SFT weights
     group_by_length: int = 8          # batches per length-sorted group, to cut padding (0 = plain shuffle)
     epochs: int = 1                   # InstructGPT trains the RM for one epoch: more over-fits
     lr: float = 5e-4                  # InstructGPT's 6B RM used 9e-6; our tiny byte model wants far more
