@@ -133,9 +133,10 @@ def main(cfg: Config) -> dict:
     model.load_state_dict(trunk, strict=False)  # only score_head.* is new
     # N+ details (Huang et al. 2024) init the head with std 1/sqrt(C+1) so initial rewards have unit-ish scale.
     torch.nn.init.normal_(model.score_head.weight, std=1 / (model.config.n_embd + 1) ** 0.5)
-    # Only the top blocks train. The lower ones already read bytes into words for SFT, and a frozen block needs no
-    # backward pass: with 2 of 4 frozen a ranking costs ~0.6x the compute, so the RM reads more rankings in its time
-    # budget, which is what its accuracy grows with (README, "the reward model is the bottleneck").
+    # Only the top blocks train. The embeddings and the lowest block already read bytes into words for SFT, and a
+    # frozen block needs no backward pass, so the RM reads more rankings in its time budget, which is what its
+    # accuracy grows with (README, "the reward model is the bottleneck"). Freezing 1 of 4 blocks beat 2 (val 0.852
+    # vs 0.824, ~10% slower) and 0 (0.705: at this lr, moving the embeddings hurts).
     if not 0 <= cfg.freeze_layers < model.config.n_layer:
         raise ValueError(f"freeze_layers={cfg.freeze_layers}: must leave at least one of the model's "
                          f"{model.config.n_layer} blocks to train")
