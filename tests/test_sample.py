@@ -21,6 +21,11 @@ def tiny_model(seed=0, **overrides):
     config = GPTConfig(**{**dict(block_size=64, vocab_size=257, n_layer=2, n_head=2, n_embd=32), **overrides})
     return GPT(config).eval()
 
+def save_tiny_checkpoint(model, path, kind="policy"):
+    """A checkpoint of a tiny byte-level model, as the CLI loads it."""
+    save_checkpoint(str(path), dict(kind=kind, model_config=asdict(model.config), model=model.state_dict(),
+                                    tokenizer="bytes", step=0, config={}))
+
 def greedy_by_full_recompute(model, prompt, n):
     """The obvious reference: one prompt, no padding, no cache; re-run the whole sequence for every token."""
     ids = list(prompt)
@@ -135,9 +140,7 @@ def test_best_of_n_keeps_the_highest_scoring_sample():
 def test_cli_samples_compares_and_picks_best_of_n_from_a_checkpoint(tmp_path, capsys):
     """`python sample.py --ckpt=...` prints prompt and text for each sample; --compare and --best_of run too."""
     for kind, seed in (("policy", 0), ("reward", 1)):
-        model = tiny_model(seed, scalar_head=kind == "reward")
-        save_checkpoint(str(tmp_path / kind / "ckpt.pt"), dict(kind=kind, model_config=asdict(model.config),
-                        model=model.state_dict(), tokenizer="bytes", step=0, config={}))
+        save_tiny_checkpoint(tiny_model(seed, scalar_head=kind == "reward"), tmp_path / kind / "ckpt.pt", kind)
     cfg = sample.Config(ckpt=str(tmp_path / "policy"), prompt="Once upon", num_samples=2, max_new_tokens=30,
                         device="cpu", dtype="float32")
     result = sample.main(cfg)
@@ -152,9 +155,7 @@ def test_cli_samples_compares_and_picks_best_of_n_from_a_checkpoint(tmp_path, ca
 
 def test_cli_reads_the_prompt_from_stdin(tmp_path, capsys, monkeypatch):
     """`--prompt=-` samples from the text on standard input exactly as if it had been given inline."""
-    model = tiny_model()
-    save_checkpoint(str(tmp_path / "ckpt.pt"), dict(kind="policy", model_config=asdict(model.config),
-                    model=model.state_dict(), tokenizer="bytes", step=0, config={}))
+    save_tiny_checkpoint(tiny_model(), tmp_path / "ckpt.pt")
     cfg = sample.Config(ckpt=str(tmp_path), prompt="Once upon\n", num_samples=2, max_new_tokens=20, device="cpu",
                         dtype="float32")
     inline = sample.main(cfg)["samples"][cfg.ckpt]
@@ -167,8 +168,7 @@ def test_chat_streams_the_same_text_generate_returns(tmp_path, capsys, monkeypat
     """Chat mode prints each token as it is sampled; the streamed reply is exactly the text generate() returns
     for the conversation so far (the typed line plus its newline). Ctrl-D (EOFError) ends the chat."""
     model = tiny_model()
-    save_checkpoint(str(tmp_path / "ckpt.pt"), dict(kind="policy", model_config=asdict(model.config),
-                    model=model.state_dict(), tokenizer="bytes", step=0, config={}))
+    save_tiny_checkpoint(model, tmp_path / "ckpt.pt")
     lines = ["Once upon"]
     def fake_input(prompt=""):
         if not lines:
