@@ -62,7 +62,7 @@ class Config:
     # PPO-ptx (InstructGPT eq. (2)): γ × the pretraining loss added to the policy loss
     ptx_coef: float = 0.0
     ptx_data: str = "data/stories/pretrain_train.jsonl"
-    ptx_batch_size: int = 16
+    ptx_batch_size: int = 4           # packed pretraining chunks per minibatch (4 x 256 bytes: ~18 stories)
     # evaluation and plumbing
     eval_interval: int = 20
     eval_only: bool = False            # no training: evaluate --policy against the SFT model (the report's rows)

@@ -26,9 +26,9 @@ fi
 
 # -- data: instructions, noisy demonstrations, K=4 rankings by the scripted labeler, prompts (deterministic)
 python $D/prepare.py
-# -- a "base model": next-token pretraining on unconditioned stories (stands in for GPT-3)
-python sft.py --mode=pretrain --data=$D/pretrain_train.jsonl --out_dir=out/base --max_steps=400 --lr=2e-3 \
-    $(resume out/base)
+# -- a "base model": next-token pretraining on unconditioned stories (stands in for GPT-3), packed into 256-byte chunks
+python sft.py --mode=pretrain --data=$D/pretrain_train.jsonl --out_dir=out/base --max_steps=300 --batch_size=8 \
+    --lr=6e-3 $(resume out/base)
 # -- step 1, SFT: loss on the demonstrations' response tokens only
 python sft.py --init=out/base --data=$D/sft_train.jsonl --out_dir=out/sft --max_steps=400 --lr=1e-3 \
     --warmup_steps=20 $(resume out/sft)

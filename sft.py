@@ -60,15 +60,16 @@ def encode_example(tokenizer, prompt, response, block_size):
     return tokens[n_cut:], max(0, len(prompt_ids) - n_cut)
 
 def load_examples(path, mode, tokenizer, block_size):
-    """(tokens, n_prompt) per example. Pretraining text has no prompt and is cut into context-sized chunks."""
+    """(tokens, n_prompt) per example. Pretraining text has no prompt: the documents are packed into one stream,
+    each ended by <|endoftext|>, and cut into context-sized chunks (as GPT-2 and nanoGPT train). Packing wastes no
+    compute on padding: the built-in task's stories are 30-110 bytes, and padded batches of them were ~40% padding."""
     if mode == "pretrain":
-        examples = []
+        stream = []
         for row in read_jsonl(path, ["text"]):
-            tokens = tokenizer.encode_ordinary(row["text"]) + [tokenizer.eot_token]
-            # Chunks start every block_size tokens and so overlap by one: a chunk's last token is the next one's
-            # first input, and every token after the first is a target exactly once (a chunk needs two tokens).
-            examples += [(tokens[i:i + block_size + 1], 0) for i in range(0, len(tokens) - 1, block_size)]
-        return examples
+            stream += tokenizer.encode_ordinary(row["text"]) + [tokenizer.eot_token]
+        # Chunks start every block_size tokens and so overlap by one: a chunk's last token is the next one's first
+        # input, and every token after the first is a target exactly once (a chunk needs two tokens).
+        return [(stream[i:i + block_size + 1], 0) for i in range(0, len(stream) - 1, block_size)]
     if mode == "sft":
         return [encode_example(tokenizer, r["prompt"], r["response"], block_size)
                 for r in read_jsonl(path, ["prompt", "response"])]

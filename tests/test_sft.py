@@ -115,22 +115,23 @@ def test_too_long_example_keeps_the_end_and_cuts_the_prompt_from_the_left():
     tokens, n_prompt = sft.encode_example(TOKENIZER, prompt, response, block_size=8)  # even the response is cut
     assert tokens == full[-9:] and n_prompt == 0
 
-def test_pretrain_mode_chunks_long_text_with_loss_on_every_token(tmp_path):
-    """The base model is trained on raw text (GPT-2 style): no prompt, so n_prompt is 0, and a document longer than
-    the context becomes chunks of at most block_size + 1 tokens. Every token after the first is a target exactly
-    once, and no target is -1 inside a chunk."""
+def test_pretrain_mode_packs_documents_into_chunks_with_loss_on_every_token(tmp_path):
+    """The base model is trained on raw text (GPT-2 style): no prompt, so n_prompt is 0; documents, each ended by
+    end-of-text, are packed into one stream cut into chunks of block_size + 1 tokens (the last may be shorter), so
+    no position is padding. Every token after the first is a target exactly once, and no target is -1."""
     text = "".join(f"The {w} is here. " for w in WORDS * 3)  # 360 bytes
     path = tmp_path / "pretrain_train.jsonl"
     common.write_jsonl(str(path), [{"text": text}, {"text": "Short."}])
     examples = sft.load_examples(str(path), "pretrain", TOKENIZER, block_size=32)
-    assert all(n_prompt == 0 and 2 <= len(tokens) <= 33 for tokens, n_prompt in examples)
+    assert all(n_prompt == 0 and len(tokens) == 33 for tokens, n_prompt in examples[:-1])
+    assert 2 <= len(examples[-1][0]) <= 33 and examples[-1][1] == 0
     targets = []
     for tokens, n_prompt in examples:
         x, y = sft.make_batch([(tokens, n_prompt)], EOT)
         assert (y != -1).all()
         targets += y[0].tolist()
-    full = [TOKENIZER.encode_ordinary(t) + [EOT] for t in (text, "Short.")]
-    assert targets == full[0][1:] + full[1][1:]
+    stream = [token for t in (text, "Short.") for token in TOKENIZER.encode_ordinary(t) + [EOT]]
+    assert targets == stream[1:]  # "Short." follows the first document's end-of-text in the same chunk
 
 def test_malformed_sft_line_is_a_one_line_error_naming_file_and_line(tmp_path):
     """STYLE rule 10: bad user data fails at load time with `path:line: what`, not mid-training."""
