@@ -95,22 +95,23 @@ def left_pad(prompts, width, pad_id):
         is_real[i, P - len(prompt):P] = True
     return tokens, is_real
 
-def prefill(model, prompt_tokens, prompt_mask, cache, dtype, min_rows=8, max_buckets=4):
+def prefill(model, prompt_tokens, prompt_mask, prompt_lengths, cache, dtype, min_rows=8, max_buckets=4):
     """Run the left-padded prompts (B, P) through the model, filling cache slots 0..P-1, and return the logits that
     predict the first new token (B, V). Response slots are still False in the mask, so they stay invisible.
     Padding costs as much compute as real tokens, and prefill is ~20% of a generate() call at GPT-2 small, batch
     32 (bench.py). So rather than one forward over the whole padded batch, the rows, sorted by prompt length, go
     through in up to max_buckets forwards of at least min_rows rows each, each cut to its own longest prompt
     (bench.py's batch of 32 prompts of 32-64 tokens: 1,544 positions instead of 1,984). A group fills a small cache
-    of its own, copied into the big one at its rows. max_buckets=1 is the single padded forward."""
+    of its own, copied into the big one at its rows. max_buckets=1 is the single padded forward.
+    prompt_lengths (B,) is a CPU tensor: the caller knows the lengths on the host, and reading them back from the
+    device mask would stall a CUDA stream."""
     B, P = prompt_tokens.shape
     device = prompt_tokens.device
-    lengths = prompt_mask.sum(1).cpu()  # (B,) host copy, once per call
     n_buckets = max(1, min(max_buckets, B // min_rows))
-    order = torch.argsort(lengths)  # (B,) shortest prompts first
+    order = torch.argsort(prompt_lengths)  # (B,) shortest prompts first
     logits = None
     for rows in order.tensor_split(n_buckets):
-        width = int(lengths[rows].max())  # this group's longest prompt: its rows' real tokens sit in the last slots
+        width = int(prompt_lengths[rows].max())  # the group's longest prompt: its real tokens end at slot P-1
         rows_on_device = rows.to(device)
         group_cache = KVCache(model.config, len(rows), width, device, dtype)
         group_logits = model(prompt_tokens[rows_on_device, P - width:], cache=group_cache,
@@ -154,7 +155,8 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top
     was_training = model.training
     model.eval()
     try:
-        logits = prefill(model, tokens[:, :P], attention_mask[:, :P], cache, dtype)  # (B, V)
+        prompt_lengths = torch.tensor([len(prompt) for prompt in prompts])  # (B,) on the host
+        logits = prefill(model, tokens[:, :P], attention_mask[:, :P], prompt_lengths, cache, dtype)  # (B, V)
         for t in range(N):
             next_tokens, next_logprobs = sample_next(logits, temperature, top_k, top_p, generator)  # (B,), (B,)
             is_real = ~is_finished  # decided before this token, so the end-of-text itself is real

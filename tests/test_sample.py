@@ -60,8 +60,9 @@ def test_prefill_in_length_buckets_equals_one_padded_prefill():
     P = max(map(len, prompts))
     caches = [sample.KVCache(model.config, 32, 40, "cpu") for _ in range(2)]
     with torch.no_grad():
-        one = sample.prefill(model, tokens[:, :P], is_real[:, :P], caches[0], torch.float32, max_buckets=1)
-        bucketed = sample.prefill(model, tokens[:, :P], is_real[:, :P], caches[1], torch.float32)  # 4 groups of 8
+        lengths = torch.tensor([len(prompt) for prompt in prompts])
+        one = sample.prefill(model, tokens[:, :P], is_real[:, :P], lengths, caches[0], torch.float32, max_buckets=1)
+        bucketed = sample.prefill(model, tokens[:, :P], is_real[:, :P], lengths, caches[1], torch.float32)  # 4 x 8
     torch.testing.assert_close(bucketed, one, atol=1e-5, rtol=0)
     is_filled = is_real[:, :P][None, :, None, :, None]  # (1, B, 1, P, 1): the real prompt slots
     for bucketed_kv, one_kv in ((caches[1].k, caches[0].k), (caches[1].v, caches[0].v)):
