@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 import common
 import ppo
-from model import GPT, GPTConfig
+import sft
+from model import GPT, GPTConfig, load_model
 from sample import generate
 
 TOKENIZER = common.get_tokenizer("bytes")  # 256 byte ids + <|endoftext|> = 256
@@ -299,6 +300,25 @@ def test_main_stays_finite_when_the_policy_always_or_never_ends(tmp_path, eos_lo
         assert record["objective/scores"] == cfg.no_eos_score
 
 # ----------------------------------------------------------------------------- main(): resume and evaluation
+
+def test_ppo_ptx_pulls_the_policy_toward_the_pretraining_text(tmp_path):
+    """PPO-ptx (InstructGPT eq. (2)) adds γ × the next-token loss on pretraining text to the policy's loss, so the
+    policy keeps (here: gains) the pretraining distribution's likelihood: after the same 4 iterations, the run with
+    γ = 1 predicts that text better than plain PPO (γ = 0), which never sees it; and it logs its ptx loss."""
+    inputs = write_inputs(tmp_path)
+    text = str(tmp_path / "pretrain_train.jsonl")
+    common.write_jsonl(text, [{"text": "zq " * 20}] * 8)
+    x, y = sft.make_batch(sft.load_examples(text, "pretrain", TOKENIZER, TINY["block_size"]), EOT)
+    losses = {}
+    for coef in (0.0, 1.0):
+        run_dir = tmp_path / f"ptx_{coef}"
+        ppo.main(tiny_config(run_dir, inputs, ptx_coef=coef, ptx_data=text))
+        policy, _ = load_model(str(run_dir), kind="policy")
+        with torch.no_grad():
+            losses[coef] = sft.lm_loss(policy, x, y).item()
+        ptx_logged = [r["ppo/ptx_loss"] for r in iteration_records(run_dir)]
+        assert all(v is None for v in ptx_logged) if coef == 0 else all(math.isfinite(v) for v in ptx_logged)
+    assert losses[1.0] < losses[0.0] - 0.5, losses  # nats per byte; measured 4.6 against 5.7 (ln 257 = 5.55)
 
 def test_resume_reproduces_the_uninterrupted_run(ppo_run, tmp_path, monkeypatch):
     """--resume restores π, V, AdamW's state, both generators and β from the checkpoint of iteration 2, so a run
