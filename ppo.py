@@ -45,7 +45,8 @@ class Config:
                                        # the controller short of an earlier 1.5-nat target after 40 iterations
     adaptive_kl: bool = True           # adapt β toward target_kl (Ziegler et al. 2019 §2.2)
     target_kl: float = 3.0             # nats per sequence. At 1.5 PPO barely moved (win rate 0.59), at 3-4 nats it
-                                       # did better (0.61-0.64), at 6-7 it over-optimises the RM (README's sweep)
+                                       # did better (0.61-0.64; an earlier SFT and RM), at 7-10 it over-optimises
+                                       # the RM (README's sweep)
     kl_horizon: int = 500              # how fast β adapts (in rollouts; Ziegler et al. used 10,000 over far more)
     no_eos_score: float = -3.0         # N+ details: a response that never ends gets this instead of the RM's score
     whiten_rewards: bool = True        # N+ details: whiten RM scores per batch (β and the value clip see unit scale)
@@ -62,7 +63,7 @@ class Config:
     # PPO-ptx (InstructGPT eq. (2)): γ × the pretraining loss added to the policy loss
     ptx_coef: float = 0.0
     ptx_data: str = "data/stories/pretrain_train.jsonl"
-    ptx_batch_size: int = 4           # packed pretraining chunks per minibatch (4 x 256 bytes: ~18 stories)
+    ptx_batch_size: int = 4            # packed pretraining chunks per minibatch (4 x 256 bytes: ~18 stories)
     # evaluation and plumbing
     eval_interval: int = 20
     eval_only: bool = False            # no training: evaluate --policy against the SFT model (the report's rows)
