@@ -136,8 +136,8 @@ def main(cfg: Config) -> dict:
     # Only the top blocks train. The lower ones already read bytes into words for SFT, and a frozen block needs no
     # backward pass: with 2 of 4 frozen a ranking costs ~0.6x the compute, so the RM reads more rankings in its time
     # budget, which is what its accuracy grows with (README, "the reward model is the bottleneck"). Freezing only 1
-    # scored higher on val rankings (0.852 vs 0.824) but was slower and agreed less with the labeler on SFT samples,
-    # and PPO against it did worse (README); freezing none, 0.705.
+    # scores a little higher (val rankings, agreement with the labeler) but takes ~25% longer, which leaves no margin
+    # under the 2-minute budget, and PPO against it did no better in two runs (README); freezing none, 0.705.
     if not 0 <= cfg.freeze_layers < model.config.n_layer:
         raise ValueError(f"freeze_layers={cfg.freeze_layers}: must leave at least one of the model's "
                          f"{model.config.n_layer} blocks to train")
