@@ -6,13 +6,17 @@ temperature 1 with no end-of-text, so every method makes exactly the same number
 Throughput = new tokens / wall time of the whole call (prefill included), summed over the batch.
     python bench.py            # GPT-2-small shape and a small model, batch 1, 8, 32 (~9 min on 2 CPU cores)
     python bench.py --quick    # the small model only, 32 new tokens (~10 s)
+Then one reward-model training step (reward.py): the scores of 4 rankings of K = 4 responses, forward and backward,
+with each ranking packed into one row (its prompt once) against one right-padded sequence per response.
 """
+import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from common import run, setup_device
+import reward
+from common import get_tokenizer, run, setup_device
 from model import GPT, GPTConfig
 from sample import generate, left_pad, sample_next
 
@@ -83,6 +87,41 @@ def throughput(fn, model, prompts, new_tokens, device, seed, repeats):
     assert tokens.shape[1] == max(map(len, prompts)) + new_tokens, "every method must make the same tokens"
     return len(prompts) * new_tokens / best
 
+def reward_step_ms(scores_of, batches, repeats):
+    """Milliseconds per forward + backward of one batch of rankings' scores (encoding included, as in training),
+    from the fastest of `repeats` passes over all batches, after a warm-up pass."""
+    best = float("inf")
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        for batch in batches:
+            scores_of(batch).sum().backward()
+        best = min(best, (time.perf_counter() - t0) / len(batches) * 1000)
+    return best
+
+def bench_reward(cfg, device):
+    """Rankings shaped like the built-in task's (prompts 40-70 bytes, responses 20-110), random text, random weights.
+    Both ways give the same scores (tests/test_reward.py); packing runs each prompt once instead of K times."""
+    rng = random.Random(cfg.seed)
+    text = lambda lo, hi: "".join(rng.choice("abcdefgh ") for _ in range(rng.randint(lo, hi)))  # noqa: E731
+    batches = [[(text(40, 70) + "\n", [text(20, 110) for _ in range(4)]) for _ in range(4)] for _ in range(20)]
+    tokenizer = get_tokenizer("bytes")
+    torch.manual_seed(cfg.seed)
+    model = GPT(replace(MODELS["small"], scalar_head=True)).to(device).train()
+    block_size = model.config.block_size
+
+    def padded(batch):
+        prompts, responses = [p for p, r in batch for _ in r], [x for _, r in batch for x in r]
+        return reward.score(model, *reward.encode_for_scoring(tokenizer, prompts, responses, block_size, device))
+
+    def packed(batch):
+        tokens, sees, ends = reward.encode_rankings(tokenizer, batch, block_size, device)
+        return model(tokens, attention_mask=sees).flatten()[ends]
+
+    ms = {name: reward_step_ms(fn, batches, cfg.repeats) for name, fn in (("padded", padded), ("packed", packed))}
+    print(f"reward model step, small model, 4 rankings x K=4: padded {ms['padded']:.1f} ms | packed "
+          f"{ms['packed']:.1f} ms ({ms['padded'] / ms['packed']:.2f}x)")
+    return ms
+
 def main(cfg: Config) -> dict:
     device, _, _ = setup_device(cfg.device, "float32")
     if cfg.threads:
@@ -120,6 +159,7 @@ def main(cfg: Config) -> dict:
                 line += f" | HF generate {row['hf']:7,.0f} tok/s (cache {row['cache'] / row['hf']:4.2f}x)"
             print(line, flush=True)
             results[(name, B)] = row
+    results["reward_step_ms"] = bench_reward(cfg, device)
     return results
 
 if __name__ == "__main__":

@@ -131,17 +131,25 @@ class GPT(nn.Module):
 
         attention_mask (B, S) bool, True where the key slot holds a real token (False for left padding). Without
         a cache S = T; with a cache S is the cache length and `slots` (T,) says which cache slots idx fills.
+        Or, for packed rows (no cache), attention_mask (B, T, T) bool: which keys each query sees (see below).
         last_only=True returns only the last position's output (B, 1, ...): a sampler's prefill needs no more, and
         at GPT-2's vocabulary the full (B, T, V) logits of a long prompt batch cost more than the trunk.
         Position ids are derived from the mask (a token's position = number of real tokens before it), so a
         left-padded prompt gets exactly the positions it would have alone."""
         B, T = idx.shape
         S = cache.k.shape[3] if cache is not None else T
-        if S > self.config.block_size:  # checked on shapes (no host sync), or the wpe lookup fails cryptically
+        is_packed = attention_mask is not None and attention_mask.dim() == 3
+        if S > self.config.block_size and not is_packed:  # checked on shapes (no host sync), or wpe fails cryptically
             raise ValueError(f"{S} positions exceed the model's context of {self.config.block_size}")
         if slots is None:
             slots = torch.arange(T, device=idx.device)
-        if attention_mask is None and cache is None:
+        if is_packed:
+            # Several sequences packed in one row (reward.py: a prompt once, then its K responses). attention_mask
+            # (B, T, T) says which keys each query sees, causal order included, and a token's position is the number
+            # of keys it sees before itself: each response gets the positions it would have right after the prompt.
+            # The packer keeps those positions inside the context.
+            attn_mask, pos = attention_mask[:, None], attention_mask.sum(-1) - 1  # (B, 1, T, T), (B, T)
+        elif attention_mask is None and cache is None:
             attn_mask, pos = None, slots  # plain causal attention over an unpadded batch
         else:
             if attention_mask is None:

@@ -127,6 +127,35 @@ def test_score_is_read_at_the_end_of_text_token_and_ignores_right_padding():
             assert scores.shape == (n + 1,)
             assert abs(scores[0] - alone) < 1e-5  # fp32; the masked and unmasked kernels round differently
 
+def test_a_response_packed_after_its_shared_prompt_scores_exactly_as_it_would_alone():
+    """Training packs each ranking into one row (the prompt once, then its K responses) and runs the prompt once
+    instead of K times. The mask and positions must make that invisible: every response scores as it does alone in
+    encode_for_scoring (the form PPO scores in), whatever K, the other rankings in the batch, and the padding."""
+    model = tiny_rm()
+    batch = [("Tell me about the cat.\n", ["The cat is happy.", "A cat.", "The cat is sad and alone.", "Cats!"]),
+             ("Hi.\n", ["A dog is happy and glad all day.", "No."])]
+    with torch.no_grad():
+        tokens, sees, ends = reward.encode_rankings(TOKENIZER, batch, 64, "cpu")
+        packed = model(tokens, attention_mask=sees).flatten()[ends]
+        prompts, responses = [p for p, r in batch for _ in r], [x for _, r in batch for x in r]
+        alone = reward.score(model, *reward.encode_for_scoring(TOKENIZER, prompts, responses, 64, "cpu"))
+    assert tokens.shape == (2, len("Tell me about the cat.\n") + sum(len(r) + 1 for r in batch[0][1]))
+    assert (tokens.flatten()[ends] == EOT).all() and len(ends) == 6
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)  # fp32; differently shaped kernels round apart
+    assert alone.std() > 0.1  # the scores differ, so matching them is not vacuous
+
+def test_packed_rankings_too_long_for_the_context_keep_their_ends_and_stay_inside_it():
+    """As encode_example, a too-long input keeps its end: the shared prompt loses its start so that it and the
+    longest response fit the context (each response's last position stays below block_size), and a response
+    longer than the context alone keeps its last block_size tokens, end-of-text included."""
+    prompt, ranking = "An instruction that is rather long.\n", ["Short.", "A somewhat longer response here."]
+    for block_size, kept_prompt in ((40, 40 - 33), (20, 0)):
+        tokens, sees, ends = reward.encode_rankings(TOKENIZER, [(prompt, ranking)], block_size, "cpu")
+        positions = sees.sum(-1) - 1  # (1, T): what the model will use
+        assert positions.max() < block_size
+        assert TOKENIZER.decode(tokens[0, :kept_prompt].tolist()) == prompt[len(prompt) - kept_prompt:]
+        assert (tokens.flatten()[ends] == EOT).all() and positions.flatten()[ends].max() == block_size - 1
+
 # ----------------------------------------------------------------------------- main(): a tiny run on an easy task
 
 ANIMALS = ("cat", "dog", "fox", "owl", "bee", "cow", "pig", "yak")
