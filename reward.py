@@ -92,8 +92,8 @@ def encode_rankings(tokenizer, batch, block_size, device):
     the mask (B, T, T) of which keys each query sees, and each response's end-of-text as an index into the
     flattened (B * T) row-major positions, (sum of K,). Too long? As encode_example, keep the end: the start of the
     shared prompt is cut so that it and the longest response fit the context."""
-    rows, segments, ends = [], [], []
-    for prompt, ranking in batch:
+    rows, segments, end_rows, end_columns = [], [], [], []
+    for i, (prompt, ranking) in enumerate(batch):
         prompt_ids = tokenizer.encode_ordinary(prompt)
         response_ids = [tokenizer.encode_ordinary(r) + [tokenizer.eot_token] for r in ranking]
         prompt_ids = prompt_ids[max(0, len(prompt_ids) + max(map(len, response_ids)) - block_size):]
@@ -101,17 +101,16 @@ def encode_rankings(tokenizer, batch, block_size, device):
         row, segment = list(prompt_ids), [0] * len(prompt_ids)  # segment 0 = the prompt, k = the k-th response
         for k, r in enumerate(response_ids, 1):
             row, segment = row + r, segment + [k] * len(r)
-            ends.append(len(row) - 1)
+            end_rows.append(i)
+            end_columns.append(len(row) - 1)
         rows.append(row)
         segments.append(segment)
     T = max(map(len, rows))
     tokens = torch.full((len(rows), T), tokenizer.eot_token, dtype=torch.long)
     segment_ids = torch.full((len(rows), T), -1, dtype=torch.long)  # -1 = padding
-    row_starts = []
     for i, (row, segment) in enumerate(zip(rows, segments)):
         tokens[i, :len(row)], segment_ids[i, :len(row)] = torch.tensor(row), torch.tensor(segment)
-        row_starts += [i * T] * (max(segment) if segment else 0)
-    ends = torch.tensor(ends) + torch.tensor(row_starts)
+    ends = torch.tensor(end_rows) * T + torch.tensor(end_columns)  # (sum of K,) into the flattened (B * T)
     segment_ids = segment_ids.to(device)
     query, key = segment_ids[:, :, None], segment_ids[:, None, :]  # (B, T, 1), (B, 1, T)
     is_causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
