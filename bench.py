@@ -87,14 +87,17 @@ def throughput(fn, model, prompts, new_tokens, device, seed, repeats):
     assert tokens.shape[1] == max(map(len, prompts)) + new_tokens, "every method must make the same tokens"
     return len(prompts) * new_tokens / best
 
-def reward_step_ms(scores_of, batches, repeats):
+def reward_step_ms(scores_of, batches, repeats, device):
     """Milliseconds per forward + backward of one batch of rankings' scores (encoding included, as in training),
     from the fastest of `repeats` passes over all batches, after a warm-up pass."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
     best = float("inf")
     for _ in range(repeats + 1):
+        sync()
         t0 = time.perf_counter()
         for batch in batches:
             scores_of(batch).sum().backward()
+        sync()
         best = min(best, (time.perf_counter() - t0) / len(batches) * 1000)
     return best
 
@@ -117,7 +120,8 @@ def bench_reward(cfg, device):
         tokens, sees, ends = reward.encode_rankings(tokenizer, batch, block_size, device)
         return model(tokens, attention_mask=sees).flatten()[ends]
 
-    ms = {name: reward_step_ms(fn, batches, cfg.repeats) for name, fn in (("padded", padded), ("packed", packed))}
+    ms = {name: reward_step_ms(fn, batches, cfg.repeats, device)
+          for name, fn in (("padded", padded), ("packed", packed))}
     print(f"reward model step, small model, 4 rankings x K=4: padded {ms['padded']:.1f} ms | packed "
           f"{ms['packed']:.1f} ms ({ms['padded'] / ms['packed']:.2f}x)")
     return ms
