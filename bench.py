@@ -117,8 +117,7 @@ def bench_reward(cfg, device):
         return reward.score(model, *reward.encode_for_scoring(tokenizer, prompts, responses, block_size, device))
 
     def packed(batch):
-        tokens, sees, ends = reward.encode_rankings(tokenizer, batch, block_size, device)
-        return model(tokens, attention_mask=sees).flatten()[ends]
+        return reward.score_rankings(model, tokenizer, batch, block_size, device)
 
     ms = {name: reward_step_ms(fn, batches, cfg.repeats, device)
           for name, fn in (("padded", padded), ("packed", packed))}

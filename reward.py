@@ -118,6 +118,11 @@ def encode_rankings(tokenizer, batch, block_size, device):
     sees |= torch.eye(T, dtype=torch.bool, device=device)  # padding queries see themselves: finite softmax
     return tokens.to(device), sees, ends.to(device)
 
+def score_rankings(reward_model, tokenizer, batch, block_size, device):
+    """r_θ(x, y) of every response of a batch of rankings, each ranking packed into one row. -> (sum of K,)"""
+    tokens, sees, ends = encode_rankings(tokenizer, batch, block_size, device)
+    return reward_model(tokens, attention_mask=sees).flatten()[ends]  # the scalar at each response's end-of-text
+
 def score(reward_model, tokens, attention_mask):
     """r_θ(x, y): the reward model's scalar at each sequence's last real token. (B, T), (B, T) -> (B,)"""
     return last_token_scores(reward_model(tokens, attention_mask=attention_mask), attention_mask)
@@ -125,8 +130,7 @@ def score(reward_model, tokens, attention_mask):
 def ranking_loss(reward_model, tokenizer, batch, block_size, device):
     """Loss and pairwise accuracy for a batch of rankings: every response scored once, then all C(K,2) pairs of each
     ranking compared. Each ranking weighs the same, whatever its K (InstructGPT eq. (1) has the 1/C(K,2) factor)."""
-    tokens, sees, ends = encode_rankings(tokenizer, batch, block_size, device)
-    scores = reward_model(tokens, attention_mask=sees).flatten()[ends]  # (sum of K,) r(x, y) at each end-of-text
+    scores = score_rankings(reward_model, tokenizer, batch, block_size, device)  # (sum of K,)
     losses, n_correct, n_pairs, offset = [], 0, 0, 0
     for _, ranking in batch:
         pairs = torch.tensor(ranking_pairs(len(ranking)), device=device) + offset  # (C(K,2), 2)

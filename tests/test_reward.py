@@ -135,8 +135,8 @@ def test_a_response_packed_after_its_shared_prompt_scores_exactly_as_it_would_al
     batch = [("Tell me about the cat.\n", ["The cat is happy.", "A cat.", "The cat is sad and alone.", "Cats!"]),
              ("Hi.\n", ["A dog is happy and glad all day.", "No."])]
     with torch.no_grad():
-        tokens, sees, ends = reward.encode_rankings(TOKENIZER, batch, 64, "cpu")
-        packed = model(tokens, attention_mask=sees).flatten()[ends]
+        tokens, _, ends = reward.encode_rankings(TOKENIZER, batch, 64, "cpu")
+        packed = reward.score_rankings(model, TOKENIZER, batch, 64, "cpu")
         prompts, responses = [p for p, r in batch for _ in r], [x for _, r in batch for x in r]
         alone = reward.score(model, *reward.encode_for_scoring(TOKENIZER, prompts, responses, 64, "cpu"))
     assert tokens.shape == (2, len("Tell me about the cat.\n") + sum(len(r) + 1 for r in batch[0][1]))
