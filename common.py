@@ -139,6 +139,12 @@ def read_jsonl(path, fields=(), with_lineno=False):
             rows.append((lineno, row) if with_lineno else row)
     return rows
 
+def val_path_for(train_path):
+    """The val file beside a train file: data/x/prefs_train.jsonl -> data/x/prefs_val.jsonl. Only the file name
+    changes, so a folder whose name holds "_train" is left alone."""
+    folder, name = os.path.split(train_path)
+    return os.path.join(folder, name.replace("_train", "_val"))
+
 def write_jsonl(path, rows):
     """Write rows as JSON lines (raw UTF-8), atomically."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

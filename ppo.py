@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (get_tokenizer, load_checkpoint, load_labeler, log, read_jsonl, run, save_checkpoint, set_seed,
-                    setup_device)
+                    setup_device, val_path_for)
 from model import GPT, load_model, token_logprobs
 from reward import encode_for_scoring, score
 from sample import best_of_n, generate
@@ -289,7 +289,7 @@ def main(cfg: Config) -> dict:
 
     # -- data
     prompts = [r["prompt"] for r in read_jsonl(cfg.prompts, ["prompt"])]
-    val_path = cfg.val_prompts or cfg.prompts.replace("_train", "_val")
+    val_path = cfg.val_prompts or val_path_for(cfg.prompts)
     val_prompts = [r["prompt"] for r in read_jsonl(val_path, ["prompt"])][:cfg.n_eval]
     for path, rows in ((cfg.prompts, prompts), (val_path, val_prompts)):  # fail now, not at the first eval
         too_long = [i for i, p in enumerate(rows) if len(tokenizer.encode_ordinary(p)) + cfg.max_new_tokens >

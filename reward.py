@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import get_lr, get_tokenizer, load_labeler, log, read_jsonl, run, save_checkpoint, set_seed, setup_device
+from common import (get_lr, get_tokenizer, load_labeler, log, read_jsonl, run, save_checkpoint, set_seed,
+                    setup_device, val_path_for)
 from model import GPT, last_token_scores, load_model
 from sample import generate
 from sft import encode_example
@@ -185,7 +186,7 @@ def main(cfg: Config) -> dict:
 
     # -- data
     train = load_rankings(cfg.data)
-    val_path = cfg.val_data or cfg.data.replace("_train", "_val")
+    val_path = cfg.val_data or val_path_for(cfg.data)
     val = load_rankings(val_path)
     print(f"data: {len(train):,} train / {len(val):,} val rankings, K = {sorted({len(r) for _, r in train})}")
 

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import get_lr, get_tokenizer, load_checkpoint, log, read_jsonl, run, save_checkpoint, set_seed, setup_device
+from common import (get_lr, get_tokenizer, load_checkpoint, log, read_jsonl, run, save_checkpoint, set_seed,
+                    setup_device, val_path_for)
 from model import GPT, GPTConfig, load_model
 
 @dataclass
@@ -117,7 +118,7 @@ def main(cfg: Config) -> dict:
     print(f"model: {model.num_params():,} parameters | tokenizer {tokenizer_name} | context {model.config.block_size}")
 
     # -- data
-    val_path = cfg.val_data or cfg.data.replace("_train", "_val")
+    val_path = cfg.val_data or val_path_for(cfg.data)
     train = load_examples(cfg.data, cfg.mode, tokenizer, model.config.block_size)
     val = load_examples(val_path, cfg.mode, tokenizer, model.config.block_size) if os.path.exists(val_path) else []
     print(f"data: {len(train):,} train / {len(val):,} val examples ({cfg.mode}) from {cfg.data}")

@@ -122,6 +122,12 @@ def test_bad_jsonl_line_is_a_one_line_error_with_file_and_line_number(tmp_path, 
 
 # ----------------------------------------------------------------------------- checkpoints
 
+def test_the_val_file_sits_beside_the_train_file_whatever_its_folder_is_called():
+    """Each stage finds its val split by the file name (prefs_train.jsonl -> prefs_val.jsonl); a folder named like
+    a split is not a file name and must not be rewritten (it was: "runs/my_train/..." looked in "runs/my_val/")."""
+    assert common.val_path_for("data/stories/prefs_train.jsonl") == os.path.join("data/stories", "prefs_val.jsonl")
+    assert common.val_path_for("/x/my_train/prompts_train.jsonl") == os.path.join("/x/my_train", "prompts_val.jsonl")
+
 def test_crash_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
     """DESIGN: checkpoints are written to a temp file and renamed over the old one, so dying mid-write (disk full,
     Ctrl-C, preemption) never corrupts the last good checkpoint."""
