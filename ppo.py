@@ -51,6 +51,8 @@ class Config:
     kl_horizon: int = 500              # how fast β adapts (in rollouts; Ziegler et al. used 10,000 over far more)
     no_eos_score: float = -3.0         # N+ details: a response that never ends gets this instead of the RM's score
     whiten_rewards: bool = True        # N+ details: whiten RM scores per batch (β and the value clip see unit scale)
+    gold_reward: bool = False          # built-in task: score rollouts with the labeler itself, a perfect RM, to see
+                                       # how far PPO gets when the RM is not what limits it (the RM still evaluates)
     # PPO
     ppo_epochs: int = 2                # passes over each batch (N+ details use 4; 2 halves our CPU time)
     n_minibatches: int = 4
@@ -304,6 +306,8 @@ def main(cfg: Config) -> dict:
             rows[:] = [p for i, p in enumerate(rows) if i not in is_long]
     ptx = load_examples(cfg.ptx_data, "pretrain", tokenizer, policy.config.block_size) if cfg.ptx_coef > 0 else []
     labeler = load_labeler(val_path)
+    if cfg.gold_reward and labeler is None:
+        raise ValueError(f"--gold_reward: no labeler.py beside {val_path}; only a built-in task has a gold judge")
     print(f"data: {len(prompts):,} train / {len(val_prompts):,} val prompts"
           + (f", {len(ptx):,} pretraining chunks for PPO-ptx" if ptx else "") + (", labeler found" if labeler else ""))
 
@@ -381,6 +385,8 @@ def main(cfg: Config) -> dict:
             ref_logprobs, _ = response_logprobs(ref_policy, tokens, attention_mask, P, cfg.temperature)  # (B, R)
             old_values = value_model(tokens, attention_mask=attention_mask)[:, P - 1:-1].float()  # (B, R) V(s_t)
             scores = score(reward_model, tokens, attention_mask).float()  # (B,) r(x, y) at the last real token
+        if cfg.gold_reward:  # the labeler in the RM's place (its scores are in [0, 1]; whitening rescales them)
+            scores = torch.tensor(list(map(labeler.score, batch_prompts, rollout.texts(tokenizer))), device=device)
         # N+ details "EOS trick": a response cut off before end-of-text gets a fixed low score.
         has_eos = ((tokens[:, P:] == tokenizer.eot_token) & response_mask).any(1)  # (B,)
         scores = torch.where(has_eos, scores, torch.full_like(scores, cfg.no_eos_score))

@@ -301,6 +301,23 @@ def test_main_stays_finite_when_the_policy_always_or_never_ends(tmp_path, eos_lo
 
 # ----------------------------------------------------------------------------- main(): resume and evaluation
 
+def test_gold_reward_trains_on_the_labelers_score_instead_of_the_rms(tmp_path):
+    """--gold_reward puts the built-in task's labeler in the RM's place: a perfect reward model, to measure what PPO
+    does when the RM is not the limit. Each iteration's logged score (what PPO maximised) is then the labeler's mean
+    score of the same rollouts, which the RM's never is; a dataset without a labeler.py refuses the flag."""
+    inputs = write_inputs(tmp_path, policy=eos_policy(6.0, context_gain=0.0), with_labeler=True)  # 0-3 bytes, ended
+    for gold in (True, False):
+        cfg = tiny_config(tmp_path / f"gold_{gold}", inputs, gold_reward=gold)
+        ppo.main(cfg)
+        records = iteration_records(cfg.out_dir)
+        assert len(records) == cfg.n_iters and all(r["response/eos_share"] == 1.0 for r in records)
+        same = [r["objective/scores"] == pytest.approx(r["objective/labeler_score"], abs=1e-6) for r in records]
+        assert all(same) if gold else not any(same)
+    os.makedirs(tmp_path / "real")
+    with pytest.raises(ValueError, match="gold_reward.*labeler"):
+        ppo.main(tiny_config(tmp_path / "real" / "run", write_inputs(tmp_path / "real"), gold_reward=True))
+
+
 def test_ppo_ptx_pulls_the_policy_toward_the_pretraining_text(tmp_path):
     """PPO-ptx (InstructGPT eq. (2)) adds γ × the next-token loss on pretraining text to the policy's loss, so the
     policy keeps (here: gains) the pretraining distribution's likelihood: after the same 4 iterations, the run with
