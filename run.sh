@@ -46,6 +46,8 @@ EVAL="python ppo.py --eval_only --sft=out/sft --reward=out/rm --prompts=$D/promp
 if [ "$MODE" = full ]; then
     # PPO-ptx (InstructGPT eq. 2): the pretraining loss mixed into the policy update
     python ppo.py --sft=out/sft --reward=out/rm --out_dir=out/ppo_ptx --ptx_coef=1.0 $(resume out/ppo_ptx)
+    # the same PPO with the labeler as its reward: what a perfect reward model would give (the RM still evaluates)
+    python ppo.py --sft=out/sft --reward=out/rm --out_dir=out/ppo_gold --gold_reward $(resume out/ppo_gold)
     # over-optimisation (Gao et al. 2022): the looser the KL leash, the higher the proxy reward... (45 iterations,
     # not the default 25, so that the loose targets have time to drift far from SFT)
     for KL in 1 8 64; do
