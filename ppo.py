@@ -205,11 +205,11 @@ def evaluate(policy, sft_policy, reward_model, tokenizer, prompts, labeler, cfg,
 
 def write_report(out_root="out"):
     """InstructGPT's Figure 1 in miniature: every evaluated policy against SFT on the same val prompts, judged by the
-    labeler (gold) and the RM (proxy), plus PPO's curves and the KL sweep when matplotlib is there."""
+    labeler (gold) and the RM (proxy), plus PPO's curves and the β sweep when matplotlib is there."""
     rows = [("base model, zero-shot", "eval_base"), ("base model, 1-shot prompt", "eval_fewshot"), ("SFT", "eval_sft"),
             ("best-of-N from SFT, ranked by the RM", "eval_bon"), ("PPO", "ppo"), ("PPO-ptx", "ppo_ptx"),
             ("PPO against the labeler itself (a perfect RM)", "ppo_gold")]
-    rows += [(f"PPO, target KL {kl}", f"sweep_kl{kl}") for kl in (1, 8, 64)]
+    rows += [(f"PPO, fixed β = {beta}", f"sweep_beta{beta}") for beta in ("0.1", "0.02", "0")]
     fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
     lines = ["# nanoInstruct report (built-in stories task, val prompts)", "",
              "| policy | labeler score | win rate vs SFT (labeler) | held-out win rate | RM score | KL to SFT |",
