@@ -36,7 +36,8 @@ class Config:
     skip_long_prompts: bool = False    # drop (and count) prompts with no room for max_new_tokens, instead of stopping
     val_prompts: str = ""              # default: prompts with _train replaced by _val
     # rollouts
-    n_iters: int = 25                  # PPO iterations (each: one batch of rollouts, then ppo_epochs of updates)
+    n_iters: int = 40                  # PPO iterations (each: one batch of rollouts, then ppo_epochs of updates);
+                                       # 25 -> 40 gained 0.02 labeler score, 0.05 win rate over 3 seeds (README)
     batch_size: int = 64               # rollouts per iteration
     max_new_tokens: int = 120          # responses longer than this are cut, and get no_eos_score
     temperature: float = 0.7           # sampling temperature; the log-probs are recomputed at the same one

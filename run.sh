@@ -49,7 +49,7 @@ if [ "$MODE" = full ]; then
     # the same PPO with the labeler as its reward: what a perfect reward model would give (the RM still evaluates)
     python ppo.py --sft=out/sft --reward=out/rm --out_dir=out/ppo_gold --gold_reward $(resume out/ppo_gold)
     # over-optimisation (Gao et al. 2022): the looser the KL leash, the higher the proxy reward... A fixed β each
-    # (0.02 is InstructGPT's; 0 is no leash), over 45 iterations, not the default 25, so the loose ones drift far
+    # (0.02 is InstructGPT's; 0 is no leash), over 45 iterations, so that the loose ones drift far from SFT
     for BETA in 0.1 0.02 0; do
         python ppo.py --sft=out/sft --reward=out/rm --out_dir=out/sweep_beta$BETA --adaptive_kl=false \
             --init_kl_coef=$BETA --n_iters=45 $(resume out/sweep_beta$BETA)
