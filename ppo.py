@@ -382,6 +382,7 @@ def main(cfg: Config) -> dict:
         t_rollout = time.time() - t0
         tokens, attention_mask, P = rollout.tokens, rollout.attention_mask, rollout.prompt_len  # (B, P+R)
         response_mask = rollout.response_mask  # (B, R) real tokens up to and including EOS
+        texts = rollout.texts(tokenizer) if labeler is not None else None  # built-in task: what the labeler reads
         # ------------------------------------------------------------ 2. score, 3. rewards, 4. advantages
         with torch.no_grad(), ctx:
             # Recompute log π with a full forward (not the sampler's numbers) so old and new log-probs come from
@@ -389,10 +390,10 @@ def main(cfg: Config) -> dict:
             old_logprobs, _ = response_logprobs(policy, tokens, attention_mask, P, cfg.temperature)  # (B, R)
             ref_logprobs, _ = response_logprobs(ref_policy, tokens, attention_mask, P, cfg.temperature)  # (B, R)
             old_values = value_model(tokens, attention_mask=attention_mask)[:, P - 1:-1].float()  # (B, R) V(s_t)
-            scores = score(reward_model, tokens, attention_mask).float()  # (B,) r(x, y) at the last real token
-        texts = rollout.texts(tokenizer) if labeler is not None else None  # built-in task: what the labeler reads
-        if cfg.gold_reward:  # the labeler in the RM's place (its scores are in [0, 1]; whitening rescales them)
-            scores = torch.tensor(list(map(labeler.score, batch_prompts, texts)), device=device)
+            if cfg.gold_reward:  # the labeler in the RM's place (its scores are in [0, 1]; whitening rescales them)
+                scores = torch.tensor(list(map(labeler.score, batch_prompts, texts)), device=device)  # (B,)
+            else:
+                scores = score(reward_model, tokens, attention_mask).float()  # (B,) r(x, y) at the last real token
         # N+ details "EOS trick": a response cut off before end-of-text gets a fixed low score.
         has_eos = ((tokens[:, P:] == tokenizer.eot_token) & response_mask).any(1)  # (B,)
         scores = torch.where(has_eos, scores, torch.full_like(scores, cfg.no_eos_score))
