@@ -70,36 +70,38 @@ def hf_generate(hf, prompts, max_new_tokens, generator):
                       max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, pad_token_id=0, eos_token_id=None)
     return out
 
-def throughput(fn, model, prompts, new_tokens, device, seed, repeats):
-    """New tokens per second over the batch, for the fastest of `repeats` calls of fn (after a warm-up call on the
-    same batch): the fastest call is the one least disturbed by whatever else shares the machine (as timeit does)."""
+def fastest(call, repeats, device):
+    """Seconds taken by the fastest of `repeats` calls of call(), and the last call's result. The fastest call is the
+    one least disturbed by whatever else shares the machine (as timeit does); CUDA is synchronised around each."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
-    generator = torch.Generator(device=device).manual_seed(seed)
-    fn(model, prompts, 2, generator)  # warm-up: allocations at this batch's shapes, lazy init, kernel choice
-    sync()
-    best = float("inf")
+    best, out = float("inf"), None
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
-        out = fn(model, prompts, new_tokens, generator)
+        out = call()
         sync()
         best = min(best, time.perf_counter() - t0)
+    return best, out
+
+def throughput(fn, model, prompts, new_tokens, device, seed, repeats):
+    """New tokens per second over the batch, for the fastest of `repeats` calls of fn (after a warm-up call on the
+    same batch)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    fn(model, prompts, 2, generator)  # warm-up: allocations at this batch's shapes, lazy init, kernel choice
+    seconds, out = fastest(lambda: fn(model, prompts, new_tokens, generator), repeats, device)
     tokens = out.tokens if hasattr(out, "tokens") else out
     assert tokens.shape[1] == max(map(len, prompts)) + new_tokens, "every method must make the same tokens"
-    return len(prompts) * new_tokens / best
+    return len(prompts) * new_tokens / seconds
 
 def reward_step_ms(scores_of, batches, repeats, device):
     """Milliseconds per forward + backward of one batch of rankings' scores (encoding included, as in training),
     from the fastest of `repeats` passes over all batches, after a warm-up pass."""
-    sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
-    best = float("inf")
-    for _ in range(repeats + 1):
-        sync()
-        t0 = time.perf_counter()
+    def one_pass():
         for batch in batches:
             scores_of(batch).sum().backward()
-        sync()
-        best = min(best, (time.perf_counter() - t0) / len(batches) * 1000)
-    return best
+    one_pass()  # warm-up
+    seconds, _ = fastest(one_pass, repeats, device)
+    return seconds / len(batches) * 1000
 
 def bench_reward(cfg, device):
     """Rankings shaped like the built-in task's (prompts 40-70 bytes, responses 20-110), random text, random weights.
