@@ -27,10 +27,10 @@ fi
 # -- data: instructions, noisy demonstrations, K=4 rankings by the scripted labeler, prompts (deterministic)
 python $D/prepare.py
 # -- a "base model": next-token pretraining on unconditioned stories (stands in for GPT-3), packed into 256-byte chunks
-python sft.py --mode=pretrain --data=$D/pretrain_train.jsonl --out_dir=out/base --max_steps=300 --batch_size=8 \
+python sft.py --mode=pretrain --data=$D/pretrain_train.jsonl --out_dir=out/base --max_steps=600 --batch_size=8 \
     --lr=6e-3 $(resume out/base)
 # -- step 1, SFT: loss on the demonstrations' response tokens only
-python sft.py --init=out/base --data=$D/sft_train.jsonl --out_dir=out/sft --max_steps=400 --lr=1e-3 \
+python sft.py --init=out/base --data=$D/sft_train.jsonl --out_dir=out/sft --max_steps=300 --lr=1e-3 \
     --warmup_steps=20 $(resume out/sft)
 # -- step 2, the reward model: SFT trunk + scalar head, trained on all C(4,2) pairs of each ranking
 [ -f out/rm/ckpt.pt ] || python reward.py --init=out/sft --data=$D/prefs_train.jsonl --out_dir=out/rm
