@@ -317,7 +317,6 @@ def test_gold_reward_trains_on_the_labelers_score_instead_of_the_rms(tmp_path):
     with pytest.raises(ValueError, match="gold_reward.*labeler"):
         ppo.main(tiny_config(tmp_path / "real" / "run", write_inputs(tmp_path / "real"), gold_reward=True))
 
-
 def test_ppo_ptx_pulls_the_policy_toward_the_pretraining_text(tmp_path):
     """PPO-ptx (InstructGPT eq. (2)) adds γ × the next-token loss on pretraining text to the policy's loss, so the
     policy keeps (here: gains) the pretraining distribution's likelihood: after the same 4 iterations, the run with
