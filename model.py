@@ -5,7 +5,8 @@ It is GPT-2 (Radford et al. 2019) as nanoGPT writes it, plus three things RLHF n
   - explicit attention masks, position ids and a preallocated KV cache, so a left-padded batch of ragged prompts
     decodes incrementally with the same numbers as one full forward (N+ details, Huang et al. 2024: position ids
     must come from the padding mask);
-  - a scalar head variant (one number per position) for the reward and value models (InstructGPT §3.5).
+  - a scalar head variant (one number per position) for the reward and value models (InstructGPT §3.5), which
+    reads each token's final state together with that of the token before it (see GPT.__init__).
 It loads OpenAI's GPT-2 weights from a Hugging Face `model.safetensors`, parsed by hand: no pickle, no transformers.
 
 Glossary of shape letters: B batch, T time (query positions), S key slots (T, or the cache length),
@@ -109,7 +110,14 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, eps=config.ln_eps),
         ))
         if config.scalar_head:
-            self.score_head = nn.Linear(config.n_embd, 1)
+            # The reward is read at the response's end-of-text token, but in a causal LM that token's own state has
+            # never been trained to judge the response: nothing follows it in pretraining or SFT. The judgement the
+            # LM did learn, "is this a good place to stop?", sits in the final state of the token before it, one
+            # block too late for the end-of-text token to attend to it. So the head reads both: a linear function of
+            # [h_t ; h_prev(t)], prev(t) = the sequence's previous real token. Built-in task: whether the sentence
+            # count is the one asked for is linearly readable (probe, 0.82) from the last token's final state but
+            # not from end-of-text's (0.61, base rate 0.60); the RM's accuracy on count-only pairs went 0.49 -> 0.86.
+            self.score_head = nn.Linear(2 * config.n_embd, 1)
         else:
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
             self.lm_head.weight = self.transformer.wte.weight  # weight tying, as in GPT-2
@@ -164,9 +172,19 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, attn_mask, cache, layer, slots)
-        x = self.transformer.ln_f(x[:, -1:] if last_only else x)
         if self.config.scalar_head:
-            return self.score_head(x).squeeze(-1)  # (B, T)
+            if cache is not None or last_only:
+                raise ValueError("a scalar-head model scores whole sequences: no KV cache, no last_only")
+            x = self.transformer.ln_f(x)
+            # prev(t): the latest key before t that query t sees (its sequence's previous real token), else none
+            sees = (torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()[None] if attn_mask is None
+                    else attn_mask[:, 0])  # (B or 1, T, T)
+            earlier = sees & torch.ones(T, T, dtype=torch.bool, device=idx.device).tril(-1)
+            prev = torch.where(earlier, torch.arange(T, device=idx.device), -1).amax(-1).expand(B, T)  # (B, T)
+            x_prev = x.gather(1, prev.clamp(min=0)[..., None].expand(B, T, x.shape[-1]))  # (B, T, C)
+            x_prev = x_prev * (prev >= 0)[..., None]  # the first token has no previous one: zeros
+            return self.score_head(torch.cat([x, x_prev], -1)).squeeze(-1)  # (B, T)
+        x = self.transformer.ln_f(x[:, -1:] if last_only else x)
         if x.device.type == "cpu" and self.config.vocab_size > 4 * LOGITS_CHUNK:
             # On CPU, one GEMM 50257 outputs wide ran ~1.4x slower than the same GEMM cut into 2048-wide slices of
             # the vocabulary (torch 2.13, 2 cores, 8 to 1024 rows; README, "Speed"). Same dot products, so the same

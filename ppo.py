@@ -168,8 +168,9 @@ def evaluate(policy, sft_policy, reward_model, tokenizer, prompts, labeler, cfg,
         prompt_ids = [tokenizer.encode_ordinary((prefix if name == "ppo" else "") + p) for p in prompts]
         with ctx:
             if name == "ppo" and best_of > 1:
-                responses, _ = best_of_n(model, reward_model, prompt_ids, best_of, cfg.max_new_tokens,
-                                         temperature=cfg.temperature, eos_id=tokenizer.eot_token, generator=generator)
+                responses, best_scores = best_of_n(model, reward_model, prompt_ids, best_of, cfg.max_new_tokens,
+                                                   temperature=cfg.temperature, eos_id=tokenizer.eot_token,
+                                                   generator=generator)
                 texts[name] = [tokenizer.decode(r, errors="replace") for r in responses]
             else:
                 out = generate(model, prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature,
@@ -181,13 +182,16 @@ def evaluate(policy, sft_policy, reward_model, tokenizer, prompts, labeler, cfg,
                 result["kl_ppo_sft"] = ((logprobs[0] - logprobs[1]) * out.response_mask).sum(1).mean().item()
             elif name == "ppo":
                 result["kl_ppo_sft"] = None
-            if name == "ppo" and not is_plain_sample:
+            if name == "ppo" and best_of > 1 and not prefix:
+                # the scores best_of_n ranked by, on the sequences sampled, as the other arm is scored (decoding and
+                # re-encoding could change invalid UTF-8, and adds an end-of-text to a response cut at the limit)
+                rm_scores[name] = best_scores.cpu()
+            elif name == "ppo" and not is_plain_sample:
                 # the RM reads the plain prompt (no few-shot prefix) and the response, closed by end-of-text
-                tokens, mask = encode_for_scoring(tokenizer, prompts, texts[name], reward_model.config.block_size,
-                                                  device)
+                rm_scores[name] = score(reward_model, *encode_for_scoring(
+                    tokenizer, prompts, texts[name], reward_model.config.block_size, device)).float().cpu()
             else:  # exactly the sequences sampled, as PPO's rollouts are scored
-                tokens, mask = out.tokens, out.attention_mask
-            rm_scores[name] = score(reward_model, tokens, mask).float().cpu()
+                rm_scores[name] = score(reward_model, out.tokens, out.attention_mask).float().cpu()
         result[f"rm_score_{name}"] = rm_scores[name].mean().item()  # sync point: eval only
         if labeler is not None:
             gold[name] = torch.tensor([labeler.score(p, t) for p, t in zip(prompts, texts[name])])

@@ -169,8 +169,8 @@ def main(cfg: Config) -> dict:
     model = GPT(replace(policy.config, scalar_head=True))
     trunk = {k: v for k, v in policy.state_dict().items() if not k.startswith("lm_head.")}
     model.load_state_dict(trunk, strict=False)  # only score_head.* is new
-    # N+ details (Huang et al. 2024) init the head with std 1/sqrt(C+1) so initial rewards have unit-ish scale.
-    torch.nn.init.normal_(model.score_head.weight, std=1 / (model.config.n_embd + 1) ** 0.5)
+    # N+ details (Huang et al. 2024) init the head with std 1/sqrt(fan_in + 1) so initial rewards have unit-ish scale.
+    torch.nn.init.normal_(model.score_head.weight, std=1 / (model.score_head.in_features + 1) ** 0.5)
     # Only the top blocks train. The lowest one already reads bytes into words for SFT, and a frozen block needs no
     # backward pass, so the RM reads more rankings in its time budget, which is what its accuracy grows with (README,
     # "the reward model is the bottleneck"). Freezing 2 of 4 is ~20% faster again but scored 3 points lower over three

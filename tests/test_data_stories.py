@@ -132,9 +132,10 @@ def test_heldout_combinations_only_appear_in_val_prompts(data_dir):
     assert {(w["animal"], w["mood"]) for w in val} >= labeler.HELDOUT
     assert 0.2 < sum((w["animal"], w["mood"]) in labeler.HELDOUT for w in val) / len(val) < 0.4
 
-def test_demonstrations_are_fluent_but_mediocre_and_rankings_have_spread(data_dir):
+def test_demonstrations_are_fluent_but_mediocre_and_rankings_have_spread_and_no_ties(data_dir):
     """The demonstrator writes grammatical stories but follows the instruction unevenly (leaving RLHF room to help),
-    and each K = 4 ranking runs from a clearly better to a clearly worse response, best first."""
+    and each K = 4 ranking runs from a clearly better to a clearly worse response, best first, with no two responses
+    tied by the labeler: every one of its C(4,2) pairs is a real preference."""
     demos = load(data_dir, "sft_train")
     scores = [labeler.score(row["prompt"], row["response"]) for row in demos]
     assert 0.6 < sum(scores) / len(scores) < 0.75
@@ -146,6 +147,6 @@ def test_demonstrations_are_fluent_but_mediocre_and_rankings_have_spread(data_di
     for row in load(data_dir, "prefs_train"):
         assert len(row["ranking"]) == len(set(row["ranking"])) == prepare.K
         ranked = [labeler.score(row["prompt"], r) for r in row["ranking"]]
-        assert ranked == sorted(ranked, reverse=True)
+        assert ranked == sorted(ranked, reverse=True) and len(set(ranked)) == prepare.K
         spreads.append(ranked[0] - ranked[-1])
     assert min(spreads) > 0 and sum(spreads) / len(spreads) > 0.3

@@ -254,6 +254,26 @@ def test_left_padded_prompt_gives_the_same_logits_as_the_prompt_alone():
         alone = model(torch.tensor([short]))  # no mask at all: the plain causal path
     torch.testing.assert_close(batched[0, -4:], alone[0], atol=1e-5, rtol=0)  # fp32, masked vs is_causal kernel
 
+def test_scalar_head_gives_left_padded_and_unpadded_sequences_the_same_scores_at_every_position():
+    """The scalar head reads each token's final state and that of its sequence's previous real token. Left padding
+    must stay invisible there too: the first real token has no previous one (as at position 0 alone), not the
+    padding slot before it. PPO's value model scores left-padded rollouts at every position."""
+    model = tiny_gpt(scalar_head=True)
+    torch.nn.init.normal_(model.score_head.weight, std=1.0)  # scores that differ by more than rounding
+    g = torch.Generator().manual_seed(5)
+    short, long_ = torch.randint(0, 50, (4,), generator=g).tolist(), torch.randint(0, 50, (11,), generator=g).tolist()
+    idx, is_real = left_pad([short, long_], 11)
+    with torch.no_grad():
+        batched = model(idx, attention_mask=is_real)  # (2, 11)
+        alone = model(torch.tensor([short]))  # (1, 4)
+        assert alone[0].std() > 0.1  # the scores differ, so matching them is not vacuous
+        torch.testing.assert_close(batched[0, -4:], alone[0], atol=1e-5, rtol=0)  # fp32, masked vs is_causal kernel
+        # and the previous token's state really is read: with the head's first half (h_t) zeroed, the last score
+        # still moves when the token before the last changes
+        model.score_head.weight[:, :model.config.n_embd] = 0
+        changed = torch.tensor([short[:2] + [(short[2] + 1) % 50] + short[3:]])
+        assert (model(changed)[0, -1] - model(torch.tensor([short]))[0, -1]).abs() > 1e-3
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def test_checkpoint_round_trip_gives_identical_logits_and_loads_weights_only(tmp_path):

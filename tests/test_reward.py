@@ -130,9 +130,10 @@ def test_score_is_read_at_the_end_of_text_token_and_ignores_right_padding():
 def test_a_response_packed_after_its_shared_prompt_scores_exactly_as_it_would_alone():
     """Training packs each ranking into one row (the prompt once, then its K responses) and runs the prompt once
     instead of K times. The mask and positions must make that invisible: every response scores as it does alone in
-    encode_for_scoring (the form PPO scores in), whatever K, the other rankings in the batch, and the padding."""
+    encode_for_scoring (the form PPO scores in), whatever K, the other rankings in the batch, and the padding; an
+    empty response's end-of-text follows the prompt, not the response packed before it."""
     model = tiny_rm()
-    batch = [("Tell me about the cat.\n", ["The cat is happy.", "A cat.", "The cat is sad and alone.", "Cats!"]),
+    batch = [("Tell me about the cat.\n", ["The cat is happy.", "A cat.", "The cat is sad and alone.", "Cats!", ""]),
              ("Hi.\n", ["A dog is happy and glad all day.", "No."])]
     with torch.no_grad():
         tokens, _, ends = reward.encode_rankings(TOKENIZER, batch, 64, "cpu")
@@ -140,7 +141,7 @@ def test_a_response_packed_after_its_shared_prompt_scores_exactly_as_it_would_al
         prompts, responses = [p for p, r in batch for _ in r], [x for _, r in batch for x in r]
         alone = reward.score(model, *reward.encode_for_scoring(TOKENIZER, prompts, responses, 64, "cpu"))
     assert tokens.shape == (2, len("Tell me about the cat.\n") + sum(len(r) + 1 for r in batch[0][1]))
-    assert (tokens.flatten()[ends] == EOT).all() and len(ends) == 6
+    assert (tokens.flatten()[ends] == EOT).all() and len(ends) == 7
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=0)  # fp32; differently shaped kernels round apart
     assert alone.std() > 0.1  # the scores differ, so matching them is not vacuous
 

@@ -100,11 +100,15 @@ def main(out=HERE, seed=1337, scale=1.0):
         # -- demonstrations: the noisy writer answers instructions from this split's pool
         wants = [rng.choice(pool) for _ in range(sizes["sft"][i])]
         rows[f"sft_{split}"] = [{"prompt": prompt_of(w), "response": write_story(w, DEMO_NOISE, rng)} for w in wants]
-        # -- preferences: K distinct responses from writers of random skill, ranked by the labeler
+        # -- preferences: K responses from writers of random skill, ranked by the labeler. No two may tie: a tied pair
+        # has no preference (the RM's val accuracy is "ties excluded"), yet a ranking lists it in some order, which
+        # trained the RM on coin flips (6% of pairs) and scored it on them. A response that ties one already drawn
+        # is drawn again.
         prefs = []
         while len(prefs) < sizes["prefs"][i]:
             want = rng.choice(pool)
-            responses, content_seed = [], rng.random()
+            prompt = prompt_of(want)
+            responses, scores, content_seed = [], [], rng.random()
             while len(responses) < K:
                 skill = rng.uniform(0.3, 1.0)
                 noise = dict(animal=skill, colour=skill, mood=skill, count=skill, repeat=(1 - skill) / 4,
@@ -115,12 +119,10 @@ def main(out=HERE, seed=1337, scale=1.0):
                 # with the prompt's (animal-only pairs at 0.38-0.66); with these it learns to (0.81-0.90 over
                 # 3 seeds; README).
                 response = write_story(want, noise, rng, random.Random(content_seed))
-                if response not in responses:
+                if labeler.score(prompt, response) not in scores:
                     responses.append(response)
-            prompt = prompt_of(want)
-            scores = [labeler.score(prompt, r) for r in responses]
-            if max(scores) > min(scores):  # an all-tied ranking teaches the RM nothing; ask again
-                prefs.append({"prompt": prompt, "ranking": labeler.rank(prompt, responses)})
+                    scores.append(labeler.score(prompt, response))
+            prefs.append({"prompt": prompt, "ranking": labeler.rank(prompt, responses)})
         rows[f"prefs_{split}"] = prefs
         # -- PPO prompts: val also gets the held-out combinations
         n_prompts = sizes["prompts"][i]
