@@ -129,8 +129,9 @@ def score(reward_model, tokens, attention_mask):
     return last_token_scores(reward_model(tokens, attention_mask=attention_mask), attention_mask)
 
 def ranking_loss(reward_model, tokenizer, batch, block_size, device):
-    """Loss and pairwise accuracy for a batch of rankings: every response scored once, then all C(K,2) pairs of each
-    ranking compared. Each ranking weighs the same, whatever its K (InstructGPT eq. (1) has the 1/C(K,2) factor)."""
+    """Loss, and how many of how many pairs the RM orders as the ranking does, for a batch of rankings: every response
+    scored once, then all C(K,2) pairs of each ranking compared. Each ranking weighs the same in the loss, whatever its
+    K (InstructGPT eq. (1) has the 1/C(K,2) factor); accuracy counts pairs."""
     scores = score_rankings(reward_model, tokenizer, batch, block_size, device)  # (sum of K,)
     losses, n_correct, n_pairs, offset = [], 0, 0, 0
     for _, ranking in batch:
@@ -143,7 +144,7 @@ def ranking_loss(reward_model, tokenizer, batch, block_size, device):
         n_correct += (r_chosen > r_rejected)[~is_tie].sum()
         n_pairs += int((~is_tie).sum())
         offset += len(ranking)
-    return torch.stack(losses).mean(), n_correct / max(1, n_pairs)
+    return torch.stack(losses).mean(), n_correct, n_pairs
 
 def length_grouped_batches(order, lengths, batch_size, group, generator):
     """Cut `order` (a shuffled list of indices) into batches that need less padding: every run of `group` batches'
@@ -193,13 +194,14 @@ def main(cfg: Config) -> dict:
     @torch.no_grad()
     def evaluate(rankings):
         model.eval()
-        accs = []
+        n_correct, n_pairs = 0, 0
         for i in range(0, len(rankings), cfg.batch_size):
             with ctx:
-                _, acc = ranking_loss(model, tokenizer, rankings[i:i + cfg.batch_size], block_size, device)
-            accs.append(float(acc) * len(rankings[i:i + cfg.batch_size]))  # sync point: eval only
+                _, batch_correct, batch_pairs = ranking_loss(model, tokenizer, rankings[i:i + cfg.batch_size],
+                                                             block_size, device)
+            n_correct, n_pairs = n_correct + int(batch_correct), n_pairs + batch_pairs  # sync point: eval only
         model.train()
-        return sum(accs) / len(rankings)
+        return n_correct / max(1, n_pairs)  # a share of pairs, counted exactly
 
     # -- training: one pass over shuffled rankings
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay)
@@ -216,12 +218,14 @@ def main(cfg: Config) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         with ctx:
-            loss, acc = ranking_loss(model, tokenizer, [train[i] for i in batch_idx], block_size, device)
+            loss, n_correct, n_pairs = ranking_loss(model, tokenizer, [train[i] for i in batch_idx], block_size,
+                                                    device)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        record = {"step": step, "train/loss": loss.item(), "train/accuracy": float(acc), "lr": lr}  # sync point
+        record = {"step": step, "train/loss": loss.item(), "train/accuracy": int(n_correct) / max(1, n_pairs),
+                  "lr": lr}  # sync point
         bar.set_postfix_str(f"loss {record['train/loss']:.3f} | acc {record['train/accuracy']:.2f} | "
                             f"{(time.time() - t0) * 1000:.0f}ms")
         if step % cfg.eval_interval == 0 or step == len(batches):

@@ -39,7 +39,8 @@ python ppo.py --sft=out/sft --reward=out/rm --prompts=$D/prompts_train.jsonl --o
 # -- the report's other rows, each judged against SFT on the same val prompts
 EVAL="python ppo.py --eval_only --sft=out/sft --reward=out/rm --prompts=$D/prompts_train.jsonl"
 [ -f out/eval_base/eval.json ] || $EVAL --policy=out/base --out_dir=out/eval_base
-[ -f out/eval_fewshot/eval.json ] || $EVAL --policy=out/base --few_shot=1 --max_new_tokens=90 \
+# (1-shot: the first demonstration, ~120 bytes, before each prompt leaves ~80 of the model's 256 positions)
+[ -f out/eval_fewshot/eval.json ] || $EVAL --policy=out/base --few_shot=1 --max_new_tokens=80 \
     --out_dir=out/eval_fewshot
 [ -f out/eval_sft/eval.json ] || $EVAL --out_dir=out/eval_sft
 [ -f out/eval_bon/eval.json ] || $EVAL --best_of=8 --out_dir=out/eval_bon

@@ -64,13 +64,14 @@ def test_four_way_ranking_yields_six_pairs_best_first():
 def test_ranking_loss_is_the_mean_over_pairs_and_each_ranking_weighs_the_same():
     """eq. (1) has the 1/C(K,2) factor: a K=4 ranking's loss is the mean of its 6 pairwise losses, computed here
     by hand from reward.score on the same sequences, and a batch averages rankings, not pairs (K=2 and K=4 weigh
-    the same). Accuracy counts the pairs the model orders like the labeler."""
+    the same). Accuracy counts the pairs the model orders like the labeler: 7 here, not 2 rankings."""
     model = tiny_rm()
     prompt = "Tell me about the cat.\n"
     ranking4 = ["The cat is happy.", "The cat is here.", "A cat.", "The cat is sad and alone."]
     ranking2 = ["A dog is happy.", "No."]
     with torch.no_grad():
-        loss, acc = reward.ranking_loss(model, TOKENIZER, [(prompt, ranking4), ("Hi.\n", ranking2)], 64, "cpu")
+        loss, n_correct, n_pairs = reward.ranking_loss(model, TOKENIZER, [(prompt, ranking4), ("Hi.\n", ranking2)],
+                                                       64, "cpu")
         tokens, mask = reward.encode_for_scoring(TOKENIZER, [prompt] * 4 + ["Hi.\n"] * 2, ranking4 + ranking2,
                                                  64, "cpu")
         s = reward.score(model, tokens, mask).tolist()
@@ -78,7 +79,7 @@ def test_ranking_loss_is_the_mean_over_pairs_and_each_ranking_weighs_the_same():
     loss2 = -math.log(1 / (1 + math.exp(-(s[4] - s[5]))))
     assert loss.item() == pytest.approx((sum(pair_losses) / 6 + loss2) / 2, abs=1e-5)  # fp32 vs fp64 by hand
     n_right = sum(s[i] > s[j] for i, j in reward.ranking_pairs(4)) + (s[4] > s[5])
-    assert float(acc) == pytest.approx(n_right / 7)
+    assert int(n_correct) == n_right and n_pairs == 7
     assert 0 < n_right < 7  # a random model gets some pairs wrong, so the checks above are not vacuous
 
 # ----------------------------------------------------------------------------- data: both formats, clear errors

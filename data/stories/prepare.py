@@ -164,15 +164,15 @@ if __name__ == "__main__":
 # prompts_val.jsonl          200 rows
 # sft_train.jsonl          5,000 rows
 # sft_val.jsonl              500 rows
-# labeler score of demonstrations: mean 0.712 (best achievable 1.000), 14.8% perfect
-# score spread (best - worst) within a ranking: mean 0.611
+# labeler score of demonstrations: mean 0.715 (best achievable 1.000), 14.8% perfect
+# score spread (best - worst) within a ranking: mean 0.649
 # held-out (animal, mood) [('bear', 'sad'), ('bird', 'happy'), ('fox', 'sad')]: 60 of 200 val prompts
-# --- score 0.41
-# Write a happy story about a brown cat.
-# A brown bear sat on a hill.
 # --- score 0.74
-# Write a sad story about a pink duck in 3 sentences.
-# A duck wept on a hill. The duck was very sad. It was very sad. It walked near the sea.
-# --- score 0.41
-# Write a sad story about a brown bird in 2 sentences.
-# A brown bear slept near the sea. It walked on a hill.
+# Write a happy story about a red fox in 2 sentences.
+# A fox sat by the pond. It found a stone. It played with a friend.
+# --- score 0.56
+# Write a sad story about a brown dog.
+# A bird sat in the woods. It was very sad.
+# --- score 0.53
+# Write a happy story about a red goat in 2 sentences.
+# A goat slept by the pond.
