@@ -174,7 +174,7 @@ def main(cfg: Config) -> dict:
     torch.nn.init.normal_(model.score_head.weight, std=1 / (model.score_head.in_features + 1) ** 0.5)
     # Only the top blocks train. The lowest one already reads bytes into words for SFT, and a frozen block needs no
     # backward pass, so the RM reads more rankings in its time budget, which is what its accuracy grows with (README,
-    # "the reward model is the bottleneck"). Freezing 2 of 4 is ~20% faster again but scored 3 points lower over three
+    # the reward model's "What helped"). Freezing 2 of 4 is ~20% faster again but scored 3 points lower over three
     # seeds (val rankings, and agreement with the labeler); freezing none, 0.705.
     if not 0 <= cfg.freeze_layers < model.config.n_layer:
         raise ValueError(f"freeze_layers={cfg.freeze_layers}: must leave at least one of the model's "
