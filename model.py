@@ -177,9 +177,9 @@ class GPT(nn.Module):
                 raise ValueError("a scalar-head model scores whole sequences: no KV cache, no last_only")
             x = self.transformer.ln_f(x)
             # prev(t): the latest key before t that query t sees (its sequence's previous real token), else none
-            sees = (torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()[None] if attn_mask is None
-                    else attn_mask[:, 0])  # (B or 1, T, T)
-            earlier = sees & torch.ones(T, T, dtype=torch.bool, device=idx.device).tril(-1)
+            earlier = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril(-1)[None]  # (1, T, T)
+            if attn_mask is not None:
+                earlier = earlier & attn_mask[:, 0]  # (B, T, T): padding and other packed sequences hidden
             prev = torch.where(earlier, torch.arange(T, device=idx.device), -1).amax(-1).expand(B, T)  # (B, T)
             x_prev = x.gather(1, prev.clamp(min=0)[..., None].expand(B, T, x.shape[-1]))  # (B, T, C)
             x_prev = x_prev * (prev >= 0)[..., None]  # the first token has no previous one: zeros

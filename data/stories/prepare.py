@@ -119,9 +119,10 @@ def main(out=HERE, seed=1337, scale=1.0):
                 # with the prompt's (animal-only pairs at 0.38-0.66); with these it learns to (0.81-0.90 over
                 # 3 seeds; README).
                 response = write_story(want, noise, rng, random.Random(content_seed))
-                if labeler.score(prompt, response) not in scores:
+                response_score = labeler.score(prompt, response)
+                if response_score not in scores:
                     responses.append(response)
-                    scores.append(labeler.score(prompt, response))
+                    scores.append(response_score)
             prefs.append({"prompt": prompt, "ranking": labeler.rank(prompt, responses)})
         rows[f"prefs_{split}"] = prefs
         # -- PPO prompts: val also gets the held-out combinations
