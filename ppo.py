@@ -176,7 +176,7 @@ def evaluate(policy, sft_policy, reward_model, tokenizer, prompts, labeler, cfg,
                 texts[name] = [tokenizer.decode(r, errors="replace") for r in responses]
             else:
                 out = generate(model, prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature,
-                               eos_id=tokenizer.eot_token, generator=generator)
+                               eos_id=tokenizer.eot_token, generator=generator).trimmed()
                 texts[name] = out.texts(tokenizer)
             if name == "ppo" and is_plain_sample:  # KL(π || π_sft) on π's samples, per sequence
                 logprobs = [response_logprobs(m, out.tokens, out.attention_mask, out.prompt_len, cfg.temperature)[0]
@@ -382,7 +382,7 @@ def main(cfg: Config) -> dict:
         policy.eval()
         with ctx:
             rollout = generate(policy, [tokenizer.encode_ordinary(p) for p in batch_prompts], cfg.max_new_tokens,
-                               temperature=cfg.temperature, eos_id=tokenizer.eot_token, generator=gen_rng)
+                               temperature=cfg.temperature, eos_id=tokenizer.eot_token, generator=gen_rng).trimmed()
         policy.train()
         t_rollout = time.time() - t0
         tokens, attention_mask, P = rollout.tokens, rollout.attention_mask, rollout.prompt_len  # (B, P+R)

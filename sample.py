@@ -42,6 +42,15 @@ class Generation:
     def responses(self):  # (B, N)
         return self.tokens[:, self.prompt_len:]
 
+    def trimmed(self):
+        """The same generation without the trailing columns no row used (every row finished earlier): the static
+        cache makes generate() return all N columns, but a forward over them (PPO's log-probs, values, updates)
+        costs as much as over real tokens. One host sync, for the longest response's length."""
+        R = max(1, int(self.response_mask.sum(1).max()))
+        P = self.prompt_len
+        return Generation(self.tokens[:, :P + R], self.attention_mask[:, :P + R], self.response_mask[:, :R],
+                          self.logprobs[:, :R], P)
+
     def texts(self, tokenizer):
         """The responses as text, without the end-of-text: what the labeler and a reader see."""
         return [tokenizer.decode(strip_eos(r, m, tokenizer.eot_token), errors="replace")
@@ -186,7 +195,7 @@ def best_of_n(policy, reward_model, prompts, n, max_new_tokens, *, temperature=1
     and the chosen responses' scores (B,)."""
     repeated = [prompt for prompt in prompts for _ in range(n)]  # rows i*n .. i*n+n-1 belong to prompt i
     gen = generate(policy, repeated, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   eos_id=eos_id, generator=generator)
+                   eos_id=eos_id, generator=generator).trimmed()
     scores = last_token_scores(reward_model(gen.tokens, attention_mask=gen.attention_mask), gen.attention_mask)
     best_scores, best = scores.float().view(len(prompts), n).max(1)  # (B,), (B,)
     rows = torch.arange(len(prompts), device=best.device) * n + best  # (B,)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import sample
-from common import save_checkpoint
+from common import get_tokenizer, save_checkpoint
 from model import GPT, GPTConfig
 
 PROMPTS = [[5, 17, 200, 3, 9, 44, 12], [101], [7, 7, 7, 60]]  # ragged on purpose: left padding of 0, 6 and 3
@@ -118,6 +118,27 @@ def test_nothing_after_end_of_text_is_unmasked():
         assert response[end:] == [eos] * (len(response) - end) and (gen.logprobs[i, end:] == 0).all()
     assert gen.response_mask[0].sum() <= 4
     assert torch.equal(gen.attention_mask[:, gen.prompt_len:], gen.response_mask)
+
+def test_trimmed_drops_only_columns_no_row_used():
+    """PPO trims the static N columns to the longest response before its forwards: nothing real is lost (tokens,
+    masks, log-probs, texts), the longest row keeps all of its tokens, and a forward sees the same logits."""
+    model, tokenizer = tiny_model(), get_tokenizer("bytes")
+    eos = tokenizer.eot_token
+    with torch.no_grad():  # end-of-text's logit +4 everywhere: rows end after a few tokens
+        w = model.transformer.wte.weight[eos]
+        model.transformer.ln_f.bias.add_(w * 4 / w.dot(w))
+    gen = sample.generate(model, PROMPTS, 24, eos_id=eos, generator=torch.Generator().manual_seed(0))
+    cut = gen.trimmed()
+    lengths = gen.response_mask.sum(1).tolist()
+    assert cut.response_mask.shape == (3, max(lengths)) and max(lengths) < 24  # columns were dropped
+    assert cut.response_mask.sum(1).tolist() == lengths and cut.prompt_len == gen.prompt_len
+    assert torch.equal(cut.tokens, gen.tokens[:, :cut.tokens.shape[1]])
+    assert torch.equal(cut.logprobs, gen.logprobs[:, :max(lengths)])
+    assert torch.equal(cut.attention_mask, gen.attention_mask[:, :cut.tokens.shape[1]])
+    assert cut.texts(tokenizer) == gen.texts(tokenizer)
+    T = cut.tokens.shape[1]
+    torch.testing.assert_close(model(cut.tokens, attention_mask=cut.attention_mask),
+                               model(gen.tokens, attention_mask=gen.attention_mask)[:, :T], atol=1e-5, rtol=0)
 
 def test_prompt_too_long_or_empty_is_a_clear_error():
     """A prompt that leaves no room for max_new_tokens in the context names itself and the lengths."""
