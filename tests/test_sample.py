@@ -130,13 +130,13 @@ def test_trimmed_drops_only_columns_no_row_used():
     gen = sample.generate(model, PROMPTS, 24, eos_id=eos, generator=torch.Generator().manual_seed(0))
     cut = gen.trimmed()
     lengths = gen.response_mask.sum(1).tolist()
-    assert cut.response_mask.shape == (3, max(lengths)) and max(lengths) < 24  # columns were dropped
+    R = max(lengths)
+    T = gen.prompt_len + R
+    assert cut.response_mask.shape == (3, R) and R < 24  # columns were dropped
     assert cut.response_mask.sum(1).tolist() == lengths and cut.prompt_len == gen.prompt_len
-    assert torch.equal(cut.tokens, gen.tokens[:, :cut.tokens.shape[1]])
-    assert torch.equal(cut.logprobs, gen.logprobs[:, :max(lengths)])
-    assert torch.equal(cut.attention_mask, gen.attention_mask[:, :cut.tokens.shape[1]])
+    assert torch.equal(cut.tokens, gen.tokens[:, :T]) and torch.equal(cut.attention_mask, gen.attention_mask[:, :T])
+    assert torch.equal(cut.logprobs, gen.logprobs[:, :R])
     assert cut.texts(tokenizer) == gen.texts(tokenizer)
-    T = cut.tokens.shape[1]
     torch.testing.assert_close(model(cut.tokens, attention_mask=cut.attention_mask),
                                model(gen.tokens, attention_mask=gen.attention_mask)[:, :T], atol=1e-5, rtol=0)
 
