@@ -47,8 +47,9 @@ class Config:
                                        # PPO moves faster, and from 0.1 it overshot a 1.5-nat target (2.2-2.7 nats)
     adaptive_kl: bool = True           # adapt β toward target_kl (Ziegler et al. 2019 §2.2)
     target_kl: float = 3.0             # nats per sequence. Where the labeler's score peaks depends on the RM: this
-                                       # one gained up to ~3-4 nats (3 seeds: 1.5 -> 3 nats, win rate 0.71 -> 0.73),
-                                       # a weaker one (0.81 val accuracy) peaked at 1.1-1.4 nats (README)
+                                       # one gained up to ~3-4 nats (3 seeds: 1.5 -> 3 nats, win rate 0.71 -> 0.73;
+                                       # 4 nats no better, 2 worse), a weaker one (0.81 val accuracy) peaked at
+                                       # 1.1-1.4 nats (README)
     kl_horizon: int = 500              # how fast β adapts (in rollouts; Ziegler et al. used 10,000 over far more)
     no_eos_score: float = -3.0         # N+ details: a response that never ends gets this instead of the RM's score
     whiten_rewards: bool = True        # N+ details: whiten RM scores per batch (β and the value clip see unit scale)
