@@ -117,6 +117,19 @@ def test_generator_is_deterministic_for_a_seed_and_differs_across_seeds(tmp_path
     assert match == files
     assert filecmp.cmpfiles(tmp_path / "a", tmp_path / "c", files, shallow=False)[1] == files
 
+def test_more_rankings_extend_the_default_ones_and_leave_the_rest_of_the_task_alone(tmp_path):
+    """--n_prefs buys a better RM with more rankings: the default's rankings come first, and the val files,
+    pretraining text and demonstrations are byte-identical, so the two RMs start from the same SFT model and are
+    scored on the same val rankings."""
+    default = prepare.main(out=str(tmp_path / "default"), scale=0.05)
+    more = prepare.main(out=str(tmp_path / "more"), scale=0.05, n_prefs=3 * len(default["prefs_train"]))
+    assert len(more["prefs_train"]) == 3 * len(default["prefs_train"])
+    assert more["prefs_train"][:len(default["prefs_train"])] == default["prefs_train"]
+    same = [f"{kind}_{split}.jsonl" for kind in ("pretrain", "sft", "prefs", "prompts") for split in ("train", "val")
+            if (kind, split) not in (("prefs", "train"), ("prompts", "train"))]
+    match, mismatch, errors = filecmp.cmpfiles(tmp_path / "default", tmp_path / "more", same, shallow=False)
+    assert match == same
+
 def test_splits_do_not_overlap(data_dir):
     """No val story, demonstration, ranking or prompt also occurs in train, so val numbers measure generalization."""
     for kind, key in (("pretrain", "text"), ("sft", "prompt"), ("prefs", "prompt"), ("prompts", "prompt")):

@@ -72,11 +72,15 @@ def write_story(want, noise, rng, content_rng=None):
         story = story[:rng.randrange(len(story) // 2, len(story) - 1)]
     return story
 
-def main(out=HERE, seed=1337, scale=1.0):
-    """Write all eight files into `out`; `scale` shrinks every size (tests use it for speed). Returns the rows."""
+def main(out=HERE, seed=1337, scale=1.0, n_prefs=None):
+    """Write all eight files into `out`; `scale` shrinks every size (tests use it for speed); `n_prefs` sets the
+    number of train rankings. Returns the rows."""
     rng = random.Random(seed)
     sizes = {kind: (max(4, int(n_train * scale)), max(4, int(n_val * scale))) for kind, (n_train, n_val)
              in SIZES.items()}
+    if n_prefs:  # drawn after the val files, pretraining text and demonstrations: those stay byte-identical, and
+        sizes["prefs"] = (n_prefs, sizes["prefs"][1])  # the default's rankings are the first n (only the PPO
+                                                        # prompts drawn after them change)
     # -- split the instruction space: held-out combos -> prompts_val only; 15% of the rest -> val only
     instructions = [dict(mood=m, colour=c, animal=a, count=n) for m, c, a, n in
                     itertools.product(labeler.MOODS, labeler.COLOURS, labeler.ANIMALS, labeler.COUNTS)]
@@ -153,8 +157,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="generate the built-in stories task")
     parser.add_argument("--out", default=HERE, help="output folder (default: data/stories/)")
     parser.add_argument("--seed", type=int, default=1337, help="same seed -> byte-identical files")
+    parser.add_argument("--n_prefs", type=int, default=None,
+                        help=f"train rankings (default {SIZES['prefs'][0]:,}; more make a better but slower RM)")
     args = parser.parse_args()
-    main(args.out, args.seed)
+    main(args.out, args.seed, n_prefs=args.n_prefs)
 
 # Expected output (seed 1337, ~4 s on a laptop CPU, most of it importing torch through common.py):
 # prefs_train.jsonl        5,000 rows
