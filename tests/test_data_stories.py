@@ -129,6 +129,8 @@ def test_more_rankings_extend_the_default_ones_and_leave_the_rest_of_the_task_al
             if (kind, split) not in (("prefs", "train"), ("prompts", "train"))]
     match, mismatch, errors = filecmp.cmpfiles(tmp_path / "default", tmp_path / "more", same, shallow=False)
     assert match == same
+    with pytest.raises(ValueError, match="n_prefs: need at least 1 ranking"):
+        prepare.main(out=str(tmp_path / "none"), scale=0.05, n_prefs=0)
 
 def test_splits_do_not_overlap(data_dir):
     """No val story, demonstration, ranking or prompt also occurs in train, so val numbers measure generalization."""

@@ -78,9 +78,12 @@ def main(out=HERE, seed=1337, scale=1.0, n_prefs=None):
     rng = random.Random(seed)
     sizes = {kind: (max(4, int(n_train * scale)), max(4, int(n_val * scale))) for kind, (n_train, n_val)
              in SIZES.items()}
-    if n_prefs:  # drawn after the val files, pretraining text and demonstrations: those stay byte-identical, and
-        sizes["prefs"] = (n_prefs, sizes["prefs"][1])  # the default's rankings are the first n (only the PPO
-                                                        # prompts drawn after them change)
+    # More train rankings make a better, slower RM. They are drawn after the val files, the pretraining text and the
+    # demonstrations, which stay byte-identical; the default's rankings come first; only the PPO prompts change.
+    if n_prefs is not None:
+        if n_prefs < 1:
+            raise ValueError(f"n_prefs: need at least 1 ranking, got {n_prefs}")
+        sizes["prefs"] = (n_prefs, sizes["prefs"][1])
     # -- split the instruction space: held-out combos -> prompts_val only; 15% of the rest -> val only
     instructions = [dict(mood=m, colour=c, animal=a, count=n) for m, c, a, n in
                     itertools.product(labeler.MOODS, labeler.COLOURS, labeler.ANIMALS, labeler.COUNTS)]
@@ -160,7 +163,10 @@ if __name__ == "__main__":
     parser.add_argument("--n_prefs", type=int, default=None,
                         help=f"train rankings (default {SIZES['prefs'][0]:,}; more make a better but slower RM)")
     args = parser.parse_args()
-    main(args.out, args.seed, n_prefs=args.n_prefs)
+    try:
+        main(args.out, args.seed, n_prefs=args.n_prefs)
+    except ValueError as e:  # bad input: one line, no traceback
+        parser.error(str(e))
 
 # Expected output (seed 1337, ~4 s on a laptop CPU, most of it importing torch through common.py):
 # prefs_train.jsonl        5,000 rows
