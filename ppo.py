@@ -38,7 +38,7 @@ class Config:
     # rollouts
     n_iters: int = 60                  # PPO iterations (each: one batch of rollouts, then ppo_epochs of updates);
                                        # with lr 1.2e-4, against 50 at 8e-5: win rate 0.761 / held-out 0.742
-                                       # against 0.755 / 0.715 over 5 training seeds (README); 70 took up to 5 min
+                                       # against 0.755 / 0.715 over 5 seeds (4 minibatches; README); 70 took up to 5 min
     batch_size: int = 64               # rollouts per iteration
     max_new_tokens: int = 120          # responses longer than this are cut, and get no_eos_score
     temperature: float = 0.7           # sampling temperature; the log-probs are recomputed at the same one
