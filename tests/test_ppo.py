@@ -69,7 +69,7 @@ def write_inputs(folder, policy=None, with_labeler=False):
 def tiny_config(out_dir, inputs, **overrides):
     """Everything that matters is pinned here, so the lead's tuning of Config's defaults cannot change these tests."""
     return ppo.Config(**{**dict(out_dir=str(out_dir), **inputs, val_prompts="", n_iters=4, batch_size=8,
-                                n_minibatches=2, ppo_epochs=2, max_new_tokens=12, lr=1e-3, ptx_coef=0.0,
+                                n_minibatches=2, ppo_epochs=2, max_new_tokens=12, lr=1e-3, anneal_lr=True, ptx_coef=0.0,
                                 save_interval=2, eval_interval=100, n_eval=8, seed=1337, device="cpu",
                                 dtype="float32"), **overrides})
 
@@ -361,6 +361,14 @@ def test_resume_reproduces_the_uninterrupted_run(ppo_run, tmp_path, monkeypatch)
                 assert abs(value - record_b[key]) <= 1e-6, (record_a["step"], key, value, record_b[key])
     assert result_a.keys() == result_b.keys()
     assert all(result_b[k] == pytest.approx(v, abs=1e-6) for k, v in result_a.items() if v is not None)
+
+def test_learning_rate_falls_linearly_from_lr_toward_zero(ppo_run):
+    """With anneal_lr, iteration i (from 0) of n updates at lr·(1 - i/n): full steps while the policy is far from
+    what the RM rewards, small ones near the end. (The resume test checks a resumed run keeps to the schedule.)"""
+    cfg, _, _ = ppo_run
+    lrs = [r["ppo/lr"] for r in iteration_records(cfg.out_dir)]
+    assert lrs == pytest.approx([cfg.lr * (1 - i / cfg.n_iters) for i in range(cfg.n_iters)], rel=1e-12)
+    assert lrs[0] == cfg.lr and lrs[-1] > 0
 
 EVAL_KEYS = ("n_prompts", "labeler_score_sft", "labeler_score_ppo", "rm_score_sft", "rm_score_ppo", "kl_ppo_sft",
              "win_rate_labeler", "win_rate_rm", "heldout_win_rate_labeler")
