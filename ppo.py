@@ -63,8 +63,8 @@ class Config:
     lr: float = 2.4e-4                 # the first iteration's; annealed, the run's mean lr is half of it
     anneal_lr: bool = True             # lr falls linearly toward 0 over the run (as in CleanRL's ppo.py), so the
                                        # policy settles instead of jittering around what the RM rewards: from
-                                       # 2.4e-4, win rate 0.808 / held-out 0.809 against 0.786 / 0.773 at a constant
-                                       # 1.2e-4 (5 training seeds, README); a constant 1.8e-4 did no better
+                                       # 2.4e-4, win rate 0.811 / held-out 0.812 against 0.781 / 0.770 at a constant
+                                       # 1.2e-4 (7 training seeds, README); a constant 1.8e-4 did no better
     gamma: float = 1.0                 # no discounting within a response, as in the N+ details and trl
     lam: float = 1.0                   # GAE λ. Not the N+ details' 0.95, which did worse here (README): our value
                                        # model explains little of the returns for the first part of a run (it must
