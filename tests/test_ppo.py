@@ -363,8 +363,8 @@ def test_resume_reproduces_the_uninterrupted_run(ppo_run, tmp_path, monkeypatch)
     assert all(result_b[k] == pytest.approx(v, abs=1e-6) for k, v in result_a.items() if v is not None)
 
 def test_learning_rate_falls_linearly_from_lr_toward_zero(ppo_run):
-    """With anneal_lr, iteration i (from 0) of n updates at lr·(1 - i/n): full steps while the policy is far from
-    what the RM rewards, small ones near the end. (The resume test checks a resumed run keeps to the schedule.)"""
+    """With anneal_lr, iteration i (from 0) of n updates at lr·(1 - i/n): full steps at the start, shrinking ones at
+    the end, where the policy settles. (The resume test checks that a resumed run keeps to the schedule.)"""
     cfg, _, _ = ppo_run
     lrs = [r["ppo/lr"] for r in iteration_records(cfg.out_dir)]
     assert lrs == pytest.approx([cfg.lr * (1 - i / cfg.n_iters) for i in range(cfg.n_iters)], rel=1e-12)
