@@ -7,7 +7,8 @@ It is GPT-2 (Radford et al. 2019) as nanoGPT writes it, plus three things RLHF n
     must come from the padding mask);
   - a scalar head variant (one number per position) for the reward and value models (InstructGPT §3.5), which
     reads each token's final state together with that of the token before it (see GPT.__init__).
-It loads OpenAI's GPT-2 weights from a Hugging Face `model.safetensors`, parsed by hand: no pickle, no transformers.
+It loads OpenAI's GPT-2 weights from a Hugging Face `model.safetensors`, parsed by hand (no pickle, no transformers),
+and saves a policy back in that layout (export.py).
 
 Glossary of shape letters: B batch, T time (query positions), S key slots (T, or the cache length),
 C n_embd, V vocab, H heads, D head dim (C // H).
@@ -263,6 +264,27 @@ class GPT(nn.Module):
                 param.copy_(src)
         return model.eval()
 
+    def save_pretrained(self, folder, tokenizer="gpt2"):
+        """The mirror of from_pretrained: write a Hugging Face GPT-2 folder (`config.json` + `model.safetensors`,
+        hub key names, the four Conv1D weights as [in, out]) that transformers' GPT2LMHeadModel loads as is.
+        `tokenizer` is recorded in config.json, since a byte-level model's ids mean nothing to GPT-2's tokenizer."""
+        if self.config.scalar_head:
+            raise ValueError("a scalar-head (reward or value) model has no standard Hugging Face GPT-2 equivalent")
+        eot = 50256 if tokenizer == "gpt2" else 256  # <|endoftext|> in gpt2 and in the byte tokenizer
+        c = self.config
+        hf = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
+              "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
+              "n_head": c.n_head, "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": c.ln_eps,
+              "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
+              "initializer_range": 0.02, "bos_token_id": eot, "eos_token_id": eot, "tie_word_embeddings": True,
+              "nanoinstruct_tokenizer": tokenizer}  # our key: "gpt2", or "bytes" (257 ids, see common.py)
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        tensors = {name: p.t() if name.endswith(conv1d) else p for name, p in self.transformer.named_parameters()}
+        os.makedirs(folder, exist_ok=True)
+        write_safetensors(os.path.join(folder, "model.safetensors"), tensors, {"format": "pt"})
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2)
+
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
@@ -300,6 +322,25 @@ def read_safetensors(path):
             raise ValueError(f"{path}: tensor {name!r} has {end - start:,} bytes for shape {info['shape']}")
         tensors[name] = torch.frombuffer(data, dtype=dtype, count=numel, offset=start).view(info["shape"]).float()
     return tensors
+
+def write_safetensors(path, tensors, metadata=None):
+    """The writer for read_safetensors' format, all tensors as fp32: the JSON header (padded with spaces to a multiple
+    of 8 bytes, as the reference writer does, so the data block stays aligned), then each tensor's little-endian bytes.
+    Written to a temp file and renamed, like every checkpoint."""
+    header, blobs, offset = {"__metadata__": metadata or {}}, [], 0
+    for name, t in tensors.items():
+        blob = t.detach().float().cpu().contiguous().numpy().astype("<f4").tobytes()
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for blob in blobs:
+            f.write(blob)
+    os.replace(tmp, path)
 
 def load_model(source, kind="policy"):
     """A model from a GPT-2 name, a HF folder, or a nanoInstruct checkpoint (file or run folder).
