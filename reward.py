@@ -128,23 +128,31 @@ def score(reward_model, tokens, attention_mask):
     """r_θ(x, y): the reward model's scalar at each sequence's last real token. (B, T), (B, T) -> (B,)"""
     return last_token_scores(reward_model(tokens, attention_mask=attention_mask), attention_mask)
 
+def ranking_pairs_loss(scores, batch):
+    """The pairwise loss over all C(K,2) pairs of each ranking, given every response's score (sum of K,) in the
+    batch's order (best first within a ranking). Each ranking weighs the same in the loss, whatever its K (InstructGPT
+    eq. (1) has the 1/C(K,2) factor). Returns the loss and r_chosen, r_rejected of every pair the loss saw (N,) each.
+    DPO (dpo.py) calls this with its implicit rewards as the scores."""
+    losses, chosen, rejected, offset = [], [], [], 0
+    for _, ranking in batch:
+        pairs = torch.tensor(ranking_pairs(len(ranking)), device=scores.device) + offset  # (C(K,2), 2)
+        # Identical responses in one ranking are ties the labeler could not order: they carry no preference.
+        is_tie = torch.tensor([ranking[i] == ranking[j] for i, j in ranking_pairs(len(ranking))], device=scores.device)
+        if (~is_tie).any():
+            chosen.append(scores[pairs[~is_tie, 0]])
+            rejected.append(scores[pairs[~is_tie, 1]])
+            losses.append(pairwise_loss(chosen[-1], rejected[-1]))
+        offset += len(ranking)
+    if not losses:  # a batch of nothing but ties: no preference to learn, a zero loss that still backpropagates
+        return scores.sum() * 0, scores[:0], scores[:0]
+    return torch.stack(losses).mean(), torch.cat(chosen), torch.cat(rejected)
+
 def ranking_loss(reward_model, tokenizer, batch, block_size, device):
     """Loss, and how many of how many pairs the RM orders as the ranking does, for a batch of rankings: every response
-    scored once, then all C(K,2) pairs of each ranking compared. Each ranking weighs the same in the loss, whatever its
-    K (InstructGPT eq. (1) has the 1/C(K,2) factor); accuracy counts pairs."""
+    scored once, then all C(K,2) pairs of each ranking compared (ranking_pairs_loss); accuracy counts pairs."""
     scores = score_rankings(reward_model, tokenizer, batch, block_size, device)  # (sum of K,)
-    losses, n_correct, n_pairs, offset = [], 0, 0, 0
-    for _, ranking in batch:
-        pairs = torch.tensor(ranking_pairs(len(ranking)), device=device) + offset  # (C(K,2), 2)
-        r_chosen, r_rejected = scores[pairs[:, 0]], scores[pairs[:, 1]]
-        # Identical responses in one ranking are ties the labeler could not order: they carry no preference.
-        is_tie = torch.tensor([ranking[i] == ranking[j] for i, j in ranking_pairs(len(ranking))], device=device)
-        if (~is_tie).any():
-            losses.append(pairwise_loss(r_chosen[~is_tie], r_rejected[~is_tie]))
-        n_correct += (r_chosen > r_rejected)[~is_tie].sum()
-        n_pairs += int((~is_tie).sum())
-        offset += len(ranking)
-    return torch.stack(losses).mean(), n_correct, n_pairs
+    loss, r_chosen, r_rejected = ranking_pairs_loss(scores, batch)
+    return loss, (r_chosen > r_rejected).sum(), len(r_chosen)
 
 def length_grouped_batches(order, lengths, batch_size, group, generator):
     """Cut `order` (a shuffled list of indices) into batches that need less padding: every run of `group` batches'

@@ -132,6 +132,24 @@ def test_more_rankings_extend_the_default_ones_and_leave_the_rest_of_the_task_al
     with pytest.raises(ValueError, match="n_prefs: need at least 1 ranking"):
         prepare.main(out=str(tmp_path / "none"), scale=0.05, n_prefs=0)
 
+def test_demonstration_count_extends_or_cuts_the_default_ones_and_leaves_every_other_file_alone(tmp_path):
+    """--n_demos trades demonstrations for rankings at a labeling budget (run.sh budget): more keep the default's
+    demonstrations first, fewer keep the first of them, and all seven other files are byte-identical either way, so
+    only the number of demonstrations differs between the budget's splits."""
+    default = prepare.main(out=str(tmp_path / "default"), scale=0.05)
+    n = len(default["sft_train"])
+    more = prepare.main(out=str(tmp_path / "more"), scale=0.05, n_demos=3 * n)
+    fewer = prepare.main(out=str(tmp_path / "fewer"), scale=0.05, n_demos=n // 2)
+    assert len(more["sft_train"]) == 3 * n and more["sft_train"][:n] == default["sft_train"]
+    assert fewer["sft_train"] == default["sft_train"][:n // 2]
+    assert {r["prompt"] for r in more["sft_train"]}.isdisjoint(r["prompt"] for r in default["sft_val"])  # train pool
+    same = ["pretrain_train.jsonl", "pretrain_val.jsonl", "sft_val.jsonl", "prefs_train.jsonl", "prefs_val.jsonl",
+            "prompts_train.jsonl", "prompts_val.jsonl"]
+    for folder in ("more", "fewer"):
+        assert filecmp.cmpfiles(tmp_path / "default", tmp_path / folder, same, shallow=False)[0] == same, folder
+    with pytest.raises(ValueError, match="n_demos: need at least 1 demonstration"):
+        prepare.main(out=str(tmp_path / "none"), scale=0.05, n_demos=0)
+
 def test_splits_do_not_overlap(data_dir):
     """No val story, demonstration, ranking or prompt also occurs in train, so val numbers measure generalization."""
     for kind, key in (("pretrain", "text"), ("sft", "prompt"), ("prefs", "prompt"), ("prompts", "prompt")):

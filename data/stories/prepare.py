@@ -72,9 +72,9 @@ def write_story(want, noise, rng, content_rng=None):
         story = story[:rng.randrange(len(story) // 2, len(story) - 1)]
     return story
 
-def main(out=HERE, seed=1337, scale=1.0, n_prefs=None):
-    """Write all eight files into `out`; `scale` shrinks every size (tests use it for speed); `n_prefs` sets the
-    number of train rankings. Returns the rows."""
+def main(out=HERE, seed=1337, scale=1.0, n_prefs=None, n_demos=None):
+    """Write all eight files into `out`; `scale` shrinks every size (tests use it for speed); `n_prefs` and `n_demos`
+    set the number of train rankings and train demonstrations. Returns the rows."""
     rng = random.Random(seed)
     sizes = {kind: (max(4, int(n_train * scale)), max(4, int(n_val * scale))) for kind, (n_train, n_val)
              in SIZES.items()}
@@ -84,6 +84,11 @@ def main(out=HERE, seed=1337, scale=1.0, n_prefs=None):
         if n_prefs < 1:
             raise ValueError(f"n_prefs: need at least 1 ranking, got {n_prefs}")
         sizes["prefs"] = (n_prefs, sizes["prefs"][1])
+    # Demonstrations, likewise, but without moving anything else: the default's are always drawn where they are (and
+    # a smaller n_demos keeps the first of them), the extra ones after every other file. So a labeling budget can
+    # trade demonstrations for rankings (run.sh budget) with the rest of the task byte-identical.
+    if n_demos is not None and n_demos < 1:
+        raise ValueError(f"n_demos: need at least 1 demonstration, got {n_demos}")
     # -- split the instruction space: held-out combos -> prompts_val only; 15% of the rest -> val only
     instructions = [dict(mood=m, colour=c, animal=a, count=n) for m, c, a, n in
                     itertools.product(labeler.MOODS, labeler.COLOURS, labeler.ANIMALS, labeler.COUNTS)]
@@ -139,6 +144,11 @@ def main(out=HERE, seed=1337, scale=1.0, n_prefs=None):
         wants += [rng.choice(pool) for _ in range(n_prompts - n_heldout)]
         rng.shuffle(wants)
         rows[f"prompts_{split}"] = [{"prompt": prompt_of(w)} for w in wants]
+    if n_demos is not None:
+        n_extra = max(0, n_demos - len(rows["sft_train"]))
+        wants = [rng.choice(pools["train"]) for _ in range(n_extra)]
+        extra = [{"prompt": prompt_of(w), "response": write_story(w, DEMO_NOISE, rng)} for w in wants]
+        rows["sft_train"] = (rows["sft_train"] + extra)[:n_demos]
     # -- write and report
     for name in sorted(rows):
         write_jsonl(os.path.join(out, f"{name}.jsonl"), rows[name])
@@ -162,9 +172,11 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=1337, help="same seed -> byte-identical files")
     parser.add_argument("--n_prefs", type=int, default=None,
                         help=f"train rankings (default {SIZES['prefs'][0]:,}; more make a better but slower RM)")
+    parser.add_argument("--n_demos", type=int, default=None,
+                        help=f"train demonstrations (default {SIZES['sft'][0]:,}); the other files stay the same")
     args = parser.parse_args()
     try:
-        main(args.out, args.seed, n_prefs=args.n_prefs)
+        main(args.out, args.seed, n_prefs=args.n_prefs, n_demos=args.n_demos)
     except ValueError as e:  # bad input: one line, no traceback
         parser.error(str(e))
 
