@@ -363,6 +363,12 @@ def token_logprobs(logits, tokens):
     logprobs = F.log_softmax(logits.float(), dim=-1)
     return logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
+def response_logprobs(model, tokens, attention_mask, P, temperature):
+    """log π(a_t) of each response token at the rollout's temperature (N+ details: recomputing at another
+    temperature than the one sampled at silently changes the ratio). Returns (B, R) and the logits (B, R, V)."""
+    logits = model(tokens, attention_mask=attention_mask)[:, P - 1:-1].float() / temperature  # (B, R, V)
+    return token_logprobs(logits, tokens[:, P:]), logits
+
 def last_token_scores(scores, attention_mask):
     """The scalar head's output at each sequence's last real token: (B, T), (B, T) bool -> (B,).
     For a reward model that is the response's end-of-text token, never a padding slot (trl #1893 read padding)."""

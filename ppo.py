@@ -4,7 +4,7 @@ per-token KL penalty to the frozen SFT model, and optionally the pretraining los
 Four models: the policy π (trained, from SFT), the reference π_ref (frozen SFT), the reward model r (frozen), and
 the value model V (trained, initialised from the reward model as in the paper). One iteration:
   rollout (sample.generate) -> score (RM, EOS trick) -> rewards (score - β·KL per token) -> GAE -> PPO epochs.
-Evaluation generates from π and from the SFT model on val prompts and writes out/<run>/eval.json.
+At its evaluations, eval.py's evaluate() compares π with the SFT model on val prompts (out/<run>/eval.json).
     python ppo.py --sft=out/sft --reward=out/rm --prompts=data/stories/prompts_train.jsonl --out_dir=out/ppo
 
 Shape letters: B rollouts per iteration, P (padded) prompt length, R response length, V vocab.
@@ -22,9 +22,10 @@ from tqdm import tqdm
 
 from common import (get_tokenizer, load_checkpoint, load_labeler, log, read_jsonl, run, save_checkpoint, set_seed,
                     setup_device, val_path_for)
-from model import GPT, load_model, token_logprobs
-from reward import encode_for_scoring, score
-from sample import best_of_n, generate
+from eval import evaluate, sample_and_score, save_eval
+from model import GPT, load_model, response_logprobs
+from reward import score
+from sample import generate
 from sft import lm_loss, load_examples, make_batch
 
 @dataclass
@@ -81,11 +82,6 @@ class Config:
     ptx_batch_size: int = 4            # packed pretraining chunks per minibatch (4 x 256 bytes: ~18 stories)
     # evaluation and plumbing
     eval_interval: int = 30
-    eval_only: bool = False            # no training: evaluate --policy against the SFT model (the report's rows)
-    policy: str = ""                   # with eval_only: the policy to evaluate (default: the SFT model itself)
-    few_shot: int = 0                  # with eval_only: prompt the policy with this many demonstrations first
-    best_of: int = 1                   # with eval_only: best-of-N sampling from the policy, ranked by the RM
-    report: bool = False               # no training: gather out/*/eval.json into out/report.md (run.sh's last step)
     n_eval: int = 200                  # val prompts used for evaluation
     save_interval: int = 10
     seed: int = 1337
@@ -151,137 +147,9 @@ def value_loss(values, old_values, returns, mask, cliprange_value):
     clipfrac = masked_mean((values - returns) ** 2 < (values_clipped - returns) ** 2, mask)
     return 0.5 * masked_mean(losses, mask), clipfrac
 
-def response_logprobs(model, tokens, attention_mask, P, temperature):
-    """log π(a_t) of each response token at the rollout's temperature (N+ details: recomputing at another
-    temperature than the one sampled at silently changes the ratio). Returns (B, R) and the logits (B, R, V)."""
-    logits = model(tokens, attention_mask=attention_mask)[:, P - 1:-1].float() / temperature  # (B, R, V)
-    return token_logprobs(logits, tokens[:, P:]), logits
-
-# ----------------------------------------------------------------------------- evaluation
-
-def win_rate(a, b):
-    """Share of pairs where a beats b, ties counting half: (N,), (N,) -> float."""
-    return ((a > b).float() + 0.5 * (a == b).float()).mean().item() if len(a) else float("nan")
-
-@torch.no_grad()
-def evaluate(policy, sft_policy, reward_model, tokenizer, prompts, labeler, cfg, ctx, prefix="", best_of=1):
-    """Generate from π and from the SFT model with the same settings and seed, and compare them: by the RM, by the
-    labeler (the gold judge, built-in task only), and by KL. Returns eval.json's dict and the sample texts.
-    For the report, π may also be prompted with a few-shot `prefix`, or be best-of-`best_of` sampling ranked by
-    the RM; KL is then not estimated (null), since π's own log-probs are not those of the text it returned."""
-    device = next(policy.parameters()).device
-    is_plain_sample = not prefix and best_of == 1  # π's text is exactly what π sampled, with its own log-probs
-    result, texts, rm_scores, gold = {"n_prompts": len(prompts)}, {}, {}, {}
-    for name, model in (("ppo", policy), ("sft", sft_policy)):
-        generator = torch.Generator(device=device).manual_seed(cfg.seed + 12345)  # the same draws for both models
-        prompt_ids = [tokenizer.encode_ordinary((prefix if name == "ppo" else "") + p) for p in prompts]
-        with ctx:
-            if name == "ppo" and best_of > 1:
-                responses, best_scores = best_of_n(model, reward_model, prompt_ids, best_of, cfg.max_new_tokens,
-                                                   temperature=cfg.temperature, eos_id=tokenizer.eot_token,
-                                                   generator=generator)
-                texts[name] = [tokenizer.decode(r, errors="replace") for r in responses]
-            else:
-                out = generate(model, prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature,
-                               eos_id=tokenizer.eot_token, generator=generator).trimmed()
-                texts[name] = out.texts(tokenizer)
-            if name == "ppo" and is_plain_sample:  # KL(π || π_sft) on π's samples, per sequence
-                logprobs = [response_logprobs(m, out.tokens, out.attention_mask, out.prompt_len, cfg.temperature)[0]
-                            for m in (policy, sft_policy)]  # the same code path for both, as in training
-                result["kl_ppo_sft"] = ((logprobs[0] - logprobs[1]) * out.response_mask).sum(1).mean().item()
-            elif name == "ppo":
-                result["kl_ppo_sft"] = None
-            if name == "ppo" and best_of > 1 and not prefix:
-                # the scores best_of_n ranked by, on the sequences sampled, as the other arm is scored (decoding and
-                # re-encoding could change invalid UTF-8, and adds an end-of-text to a response cut at the limit)
-                rm_scores[name] = best_scores.cpu()
-            elif name == "ppo" and not is_plain_sample:
-                # the RM reads the plain prompt (no few-shot prefix) and the response, closed by end-of-text
-                rm_scores[name] = score(reward_model, *encode_for_scoring(
-                    tokenizer, prompts, texts[name], reward_model.config.block_size, device)).float().cpu()
-            else:  # exactly the sequences sampled, as PPO's rollouts are scored
-                rm_scores[name] = score(reward_model, out.tokens, out.attention_mask).float().cpu()
-        result[f"rm_score_{name}"] = rm_scores[name].mean().item()  # sync point: eval only
-        if labeler is not None:
-            gold[name] = torch.tensor([labeler.score(p, t) for p, t in zip(prompts, texts[name])])
-            result[f"labeler_score_{name}"] = gold[name].mean().item()
-        else:
-            result[f"labeler_score_{name}"] = None
-    result["win_rate_rm"] = win_rate(rm_scores["ppo"], rm_scores["sft"])
-    result["win_rate_labeler"] = win_rate(gold["ppo"], gold["sft"]) if labeler else None
-    is_heldout = torch.tensor([bool(labeler.is_heldout(p)) for p in prompts]) if labeler else None
-    result["heldout_win_rate_labeler"] = (win_rate(gold["ppo"][is_heldout], gold["sft"][is_heldout])
-                                          if labeler and is_heldout.any() else None)
-    return result, texts
-
-# ----------------------------------------------------------------------------- config -> data -> models -> loop -> save
-
-def write_report(out_root="out"):
-    """InstructGPT's Figure 1 in miniature: every evaluated policy against SFT on the same val prompts, judged by the
-    labeler (gold) and the RM (proxy), plus PPO's curves and the β sweep when matplotlib is there."""
-    rows = [("base model, zero-shot", "eval_base"), ("base model, 1-shot prompt", "eval_fewshot"), ("SFT", "eval_sft"),
-            ("best-of-N from SFT, ranked by the RM", "eval_bon"), ("PPO", "ppo"), ("PPO-ptx", "ppo_ptx"),
-            ("PPO against the labeler itself (a perfect RM)", "ppo_gold")]
-    rows += [(f"PPO, fixed β = {beta}", f"sweep_beta{beta}") for beta in ("0.1", "0.02", "0")]
-    fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
-    lines = ["# nanoInstruct report (built-in stories task, val prompts)", "",
-             "| policy | labeler score | win rate vs SFT (labeler) | held-out win rate | RM score | KL to SFT |",
-             "|---|---|---|---|---|---|"]
-    sweep = []
-    for name, run in rows:
-        path = os.path.join(out_root, run, "eval.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                e = json.load(f)
-            lines.append(f"| {name} | {fmt(e['labeler_score_ppo'])} | {fmt(e['win_rate_labeler'])} | "
-                         f"{fmt(e['heldout_win_rate_labeler'])} | {fmt(e['rm_score_ppo'])} | {fmt(e['kl_ppo_sft'])} |")
-            if run.startswith("sweep") or run in ("eval_sft", "ppo"):  # SFT is the sweep's KL = 0 end
-                sweep.append((e["kl_ppo_sft"], e["rm_score_ppo"], e["labeler_score_ppo"]))
-    samples_path = os.path.join(out_root, "ppo", "samples.json")
-    if os.path.exists(samples_path):
-        with open(samples_path) as f:
-            samples = json.load(f)
-        lines += ["", "## Side by side (same prompt, same seed)", ""]
-        for i in range(min(5, len(samples["prompts"]))):
-            lines += [f"- **{samples['prompts'][i].strip()}**", f"  - SFT: {samples['sft'][i]}",
-                      f"  - PPO: {samples['ppo'][i]}"]
-    try:  # figures are optional: without matplotlib the numbers above are the report
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        log_path = os.path.join(out_root, "ppo", "log.jsonl")
-        if os.path.exists(log_path):
-            with open(log_path) as f:
-                records = [r for r in map(json.loads, f) if "objective/kl" in r]
-            fig, axes = plt.subplots(1, 3, figsize=(12, 3))
-            for ax, key in zip(axes, ("objective/scores", "objective/labeler_score", "objective/kl")):
-                ax.plot([r["step"] for r in records], [r.get(key) for r in records])
-                ax.set(title=key, xlabel="PPO iteration")
-            fig.tight_layout()
-            fig.savefig(os.path.join(out_root, "ppo_curves.png"))
-            lines += ["", "![PPO curves](ppo_curves.png)"]
-        if len(sweep) > 2:  # SFT and PPO alone are no sweep
-            sweep.sort()
-            fig, ax = plt.subplots(figsize=(6, 4))
-            ax.plot([s[0] for s in sweep], [s[1] for s in sweep], "o-", label="RM score (proxy)")
-            ax2 = ax.twinx()
-            ax2.plot([s[0] for s in sweep], [s[2] for s in sweep], "s-", color="C1", label="labeler score (gold)")
-            ax.set(xlabel="KL(PPO || SFT), nats", ylabel="RM score")
-            ax2.set(ylabel="labeler score")
-            fig.legend(loc="upper center")
-            fig.tight_layout()
-            fig.savefig(os.path.join(out_root, "overoptimization.png"))
-            lines += ["", "![over-optimisation](overoptimization.png)"]
-    except ImportError:
-        lines += ["", "(install matplotlib for figures)"]
-    text = "\n".join(lines) + "\n"
-    with open(os.path.join(out_root, "report.md"), "w") as f:
-        f.write(text)
-    print(text)
+# ----------------------------------------------------------------------------- config -> models -> data -> loop -> save
 
 def main(cfg: Config) -> dict:
-    if cfg.report:
-        return write_report(os.path.dirname(cfg.out_dir) or "out")
     set_seed(cfg.seed)
     device, dtype, ctx = setup_device(cfg.device, cfg.dtype, cfg.compile)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
@@ -351,34 +219,19 @@ def main(cfg: Config) -> dict:
             "value_model": value_model.state_dict(), "optimizer": optimizer.state_dict(),
             "prompt_rng": prompt_rng.get_state(), "gen_rng": gen_rng.get_state(), "kl_coef": kl_coef})
 
+    # the SFT model's side of every evaluation: the same samples each time, so generated once
+    sft_side = sample_and_score(ref_policy, reward_model, tokenizer, val_prompts, cfg, ctx)[:2]
+
     def run_eval(iteration):
         policy.eval()
-        result, texts = evaluate(policy, ref_policy, reward_model, tokenizer, val_prompts, labeler, cfg, ctx)
+        result, texts = evaluate(policy, ref_policy, reward_model, tokenizer, val_prompts, labeler, cfg, ctx,
+                                 sft_side=sft_side)
         policy.train()
         result["iteration"] = iteration
-        with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
-            json.dump(result, f, indent=2)
-        with open(os.path.join(cfg.out_dir, "samples.json"), "w") as f:
-            json.dump({"prompts": val_prompts, **texts}, f, indent=1)
         log(cfg.out_dir, {"step": iteration, **{f"eval/{k}": v for k, v in result.items()}})
         tqdm.write(f"eval @ {iteration}: " + " | ".join(f"{k} {v:.3f}" for k, v in result.items()
                                                         if isinstance(v, float)))
-        for i in range(min(3, len(val_prompts))):  # reading samples is the best RLHF debugger
-            tqdm.write(f"  prompt: {val_prompts[i].strip()}\n    SFT: {texts['sft'][i]}\n    PPO: {texts['ppo'][i]}")
-        return result
-
-    if cfg.eval_only:  # one row of the report: a policy (maybe prompted few-shot, or best-of-N) against SFT
-        policy, _ = load_model(cfg.policy or cfg.sft, kind="policy")
-        policy.to(device).eval()
-        demos = (read_jsonl(os.path.join(os.path.dirname(cfg.prompts), "sft_train.jsonl"), ["prompt", "response"])
-                 if cfg.few_shot > 0 else [])  # the few-shot examples: the first demonstrations, then a blank line
-        prefix = "".join(d["prompt"] + d["response"] + "\n\n" for d in demos[:cfg.few_shot])
-        result, _ = evaluate(policy, ref_policy, reward_model, tokenizer, val_prompts, labeler, cfg, ctx,
-                             prefix=prefix, best_of=cfg.best_of)
-        with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
-            json.dump(result, f, indent=2)
-        print(json.dumps(result))
-        return result
+        save_eval(cfg.out_dir, result, texts, val_prompts)
 
     mb_size = cfg.batch_size // cfg.n_minibatches
     bar = tqdm(range(start_iter, cfg.n_iters), initial=start_iter, total=cfg.n_iters, desc="ppo", dynamic_ncols=True)

@@ -37,7 +37,7 @@ python sft.py --init=out/base --data=$D/sft_train.jsonl --out_dir=out/sft --max_
 # -- step 3, PPO against the RM with a KL penalty to the SFT model
 python ppo.py --sft=out/sft --reward=out/rm --prompts=$D/prompts_train.jsonl --out_dir=out/ppo $(resume out/ppo)
 # -- the report's other rows, each judged against SFT on the same val prompts
-EVAL="python ppo.py --eval_only --sft=out/sft --reward=out/rm --prompts=$D/prompts_train.jsonl"
+EVAL="python eval.py --sft=out/sft --reward=out/rm --prompts=$D/prompts_val.jsonl"
 [ -f out/eval_base/eval.json ] || $EVAL --policy=out/base --out_dir=out/eval_base
 # (1-shot: the first demonstration, ~120 bytes, before each prompt leaves ~80 of the model's 256 positions)
 [ -f out/eval_fewshot/eval.json ] || $EVAL --policy=out/base --few_shot=1 --max_new_tokens=80 \
@@ -56,4 +56,4 @@ if [ "$MODE" = full ]; then
             --init_kl_coef=$BETA --n_iters=45 $(resume out/sweep_beta$BETA)
     done
 fi
-python ppo.py --report
+python eval.py --report

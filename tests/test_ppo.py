@@ -2,7 +2,8 @@
 Tests for ppo.py, step 3 of InstructGPT (Ouyang et al. 2022, §3.5): π starts equal to π_ref (KL 0, ratio 1), GAE
 (Schulman et al. 2016) against a slow loop, padding that no loss sees, the RM's score on the last real token, a toy
 problem that PPO (Schulman et al. 2017) really solves, no NaN on degenerate batches, the N+ details' EOS trick
-(Huang et al. 2024), an exact resume, and eval.json. Tiny seeded byte-level models on CPU, no network.
+(Huang et al. 2024), an exact resume, and the eval.json PPO writes through eval.py. Tiny seeded byte-level models
+on CPU, no network.
     python -m pytest tests/test_ppo.py -q
 """
 import copy
@@ -397,22 +398,3 @@ def test_eval_of_an_untrained_policy_is_a_tie_with_zero_kl(tmp_path):
     assert result["win_rate_rm"] == 0.5 and result["rm_score_ppo"] == result["rm_score_sft"]
     assert result["kl_ppo_sft"] == 0.0  # both log-probs come from the same full forward of identical weights
     assert all(result[k] is None for k in EVAL_KEYS if "labeler" in k)
-
-def test_best_of_n_beats_its_own_policy_by_the_reward_model_it_is_ranked_by(tmp_path):
-    """Best-of-N (the report's rejection-sampling row): of N samples from SFT keep the one the RM scores highest.
-    By that same RM it can only tie or beat a single SFT sample drawn with the same seed; KL is not estimated (null),
-    and the report gathers the row into out/report.md."""
-    cfg = tiny_config(tmp_path / "out" / "eval_bon", write_inputs(tmp_path), eval_only=True, best_of=4)
-    result = ppo.main(cfg)
-    assert result["rm_score_ppo"] > result["rm_score_sft"] and result["win_rate_rm"] > 0.5
-    assert result["kl_ppo_sft"] is None
-    ppo.main(tiny_config(tmp_path / "out" / "report", {}, report=True))
-    report = (tmp_path / "out" / "report.md").read_text()
-    assert f"| best-of-N from SFT, ranked by the RM | — | — | — | {result['rm_score_ppo']:.3f} | — |" in report
-
-def test_win_rate_counts_ties_as_half():
-    """A win counts 1, a tie 1/2, a loss 0 (so identical models score exactly 0.5); no pairs gives NaN, not 0."""
-    a, b = torch.tensor([3.0, 1.0, 2.0, 0.0]), torch.tensor([1.0, 1.0, 5.0, 0.0])
-    assert ppo.win_rate(a, b) == (1 + 0.5 + 0 + 0.5) / 4
-    assert ppo.win_rate(a, a) == 0.5 and ppo.win_rate(b, a) == 1 - ppo.win_rate(a, b)
-    assert math.isnan(ppo.win_rate(torch.tensor([]), torch.tensor([])))

@@ -1,0 +1,206 @@
+"""
+Evaluation: a policy against the SFT model on the same val prompts and seed, as InstructGPT's §4 compares its models
+with the 175B SFT baseline. Three judges: the labeler (the built-in task's scripted gold judge, our stand-in for the
+paper's human evaluation), the reward model (the proxy PPO optimised), and KL(π || π_SFT) (how far π moved).
+Writes DIR/eval.json; ppo.py calls evaluate() at its evaluations, and --report gathers every run into out/report.md.
+    python eval.py --policy=out/ppo --sft=out/sft --reward=out/rm --prompts=data/stories/prompts_val.jsonl \
+        --out_dir=out/eval_ppo
+    python eval.py --report
+The report's other rows: the base model zero-shot and few-shot (--few_shot=K demonstrations before each prompt, as
+InstructGPT prompts GPT-3 in its "GPT-3 prompted" baseline), and best-of-N sampling from SFT ranked by the RM.
+"""
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from common import get_tokenizer, load_labeler, read_jsonl, run, set_seed, setup_device
+from model import load_model, response_logprobs
+from reward import encode_for_scoring, score
+from sample import best_of_n, generate
+
+@dataclass
+class Config:
+    policy: str = ""                   # the policy judged (default: the SFT model itself)
+    sft: str = "out/sft"               # the baseline every policy is compared with
+    reward: str = "out/rm"             # the reward model (the proxy judge)
+    prompts: str = "data/stories/prompts_val.jsonl"  # a labeler.py beside it makes the gold judge available
+    out_dir: str = "out/eval"          # eval.json goes here; --report reads the folder above it
+    n_eval: int = 200                  # the first n_eval prompts
+    few_shot: int = 0                  # prompt the policy with this many demonstrations (sft_train.jsonl) first
+    best_of: int = 1                   # best-of-N sampling from the policy, ranked by the reward model
+    max_new_tokens: int = 120
+    temperature: float = 0.7           # the same as PPO's rollouts
+    report: bool = False               # gather out/*/eval.json into out/report.md instead
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"
+
+# ----------------------------------------------------------------------------- the judges
+
+def win_rate(a, b):
+    """Share of pairs where a beats b, ties counting half: (N,), (N,) -> float."""
+    return ((a > b).float() + 0.5 * (a == b).float()).mean().item() if len(a) else float("nan")
+
+@torch.no_grad()
+def sample_and_score(model, reward_model, tokenizer, prompts, cfg, ctx, prefix="", best_of=1):
+    """One response per prompt, and the RM's score of it. Every model draws with the same generator seed, so two
+    identical models give identical samples. Returns (texts, RM scores (N,), the Generation, or None when the text
+    is not exactly what the model sampled from the plain prompt)."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + 12345)  # the same draws for every model
+    prompt_ids = [tokenizer.encode_ordinary(prefix + p) for p in prompts]
+    with ctx:
+        if best_of > 1:
+            responses, best_scores = best_of_n(model, reward_model, prompt_ids, best_of, cfg.max_new_tokens,
+                                               temperature=cfg.temperature, eos_id=tokenizer.eot_token,
+                                               generator=generator)
+            texts = [tokenizer.decode(r, errors="replace") for r in responses]
+            if not prefix:
+                # the scores best_of_n ranked by, on the sequences sampled, as the other arm is scored (decoding and
+                # re-encoding could change invalid UTF-8, and adds an end-of-text to a response cut at the limit)
+                return texts, best_scores.cpu(), None
+        else:
+            out = generate(model, prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature,
+                           eos_id=tokenizer.eot_token, generator=generator).trimmed()
+            texts = out.texts(tokenizer)
+            if not prefix:  # exactly the sequences sampled, as PPO's rollouts are scored
+                return texts, score(reward_model, out.tokens, out.attention_mask).float().cpu(), out
+        # the RM reads the plain prompt (no few-shot prefix) and the response, closed by end-of-text
+        return texts, score(reward_model, *encode_for_scoring(
+            tokenizer, prompts, texts, reward_model.config.block_size, device)).float().cpu(), None
+
+@torch.no_grad()
+def evaluate(policy, sft_policy, reward_model, tokenizer, prompts, labeler, cfg, ctx, prefix="", best_of=1,
+             sft_side=None):
+    """Generate from π and from the SFT model with the same settings and seed, and compare them: by the RM, by the
+    labeler (the gold judge, built-in task only), and by KL. Returns eval.json's dict and the sample texts.
+    The SFT model's side never changes within a run: pass sft_side = sample_and_score(sft_policy, ...)[:2], computed
+    once, to skip regenerating it. π may be prompted with a few-shot `prefix`, or be best-of-`best_of` sampling;
+    KL is then not estimated (null), since π's own log-probs are not those of the text it returned."""
+    ppo_texts, ppo_scores, out = sample_and_score(policy, reward_model, tokenizer, prompts, cfg, ctx, prefix, best_of)
+    sft_texts, sft_scores = sft_side or sample_and_score(sft_policy, reward_model, tokenizer, prompts, cfg, ctx)[:2]
+    result = {"n_prompts": len(prompts), "kl_ppo_sft": None}
+    if out is not None:  # KL(π || π_sft) on π's samples, per sequence
+        with ctx:
+            logprobs = [response_logprobs(m, out.tokens, out.attention_mask, out.prompt_len, cfg.temperature)[0]
+                        for m in (policy, sft_policy)]  # the same code path for both, as in training
+        result["kl_ppo_sft"] = ((logprobs[0] - logprobs[1]) * out.response_mask).sum(1).mean().item()
+    texts, rm_scores, gold = {"ppo": ppo_texts, "sft": sft_texts}, {"ppo": ppo_scores, "sft": sft_scores}, {}
+    for name in ("ppo", "sft"):
+        result[f"rm_score_{name}"] = rm_scores[name].mean().item()  # sync point: eval only
+        if labeler is not None:
+            gold[name] = torch.tensor([labeler.score(p, t) for p, t in zip(prompts, texts[name])])
+        result[f"labeler_score_{name}"] = gold[name].mean().item() if labeler else None
+    result["win_rate_rm"] = win_rate(rm_scores["ppo"], rm_scores["sft"])
+    result["win_rate_labeler"] = win_rate(gold["ppo"], gold["sft"]) if labeler else None
+    is_heldout = torch.tensor([bool(labeler.is_heldout(p)) for p in prompts]) if labeler else None
+    result["heldout_win_rate_labeler"] = (win_rate(gold["ppo"][is_heldout], gold["sft"][is_heldout])
+                                          if labeler and is_heldout.any() else None)
+    return result, texts
+
+def save_eval(out_dir, result, texts, prompts, n_show=3):
+    """eval.json and samples.json into out_dir, and the first few samples side by side on stdout."""
+    with open(os.path.join(out_dir, "eval.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    with open(os.path.join(out_dir, "samples.json"), "w") as f:
+        json.dump({"prompts": prompts, **texts}, f, indent=1)
+    for i in range(min(n_show, len(prompts))):  # reading samples is the best RLHF debugger
+        tqdm.write(f"  prompt: {prompts[i].strip()}\n    SFT: {texts['sft'][i]}\n    PPO: {texts['ppo'][i]}")
+
+# ----------------------------------------------------------------------------- the report
+
+def write_report(out_root="out"):
+    """InstructGPT's Figure 1 in miniature: every evaluated policy against SFT on the same val prompts, judged by the
+    labeler (gold) and the RM (proxy), plus PPO's curves and the β sweep when matplotlib is there."""
+    rows = [("base model, zero-shot", "eval_base"), ("base model, 1-shot prompt", "eval_fewshot"), ("SFT", "eval_sft"),
+            ("best-of-N from SFT, ranked by the RM", "eval_bon"), ("PPO", "ppo"), ("PPO-ptx", "ppo_ptx"),
+            ("PPO against the labeler itself (a perfect RM)", "ppo_gold")]
+    rows += [(f"PPO, fixed β = {beta}", f"sweep_beta{beta}") for beta in ("0.1", "0.02", "0")]
+    fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = ["# nanoInstruct report (built-in stories task, val prompts)", "",
+             "| policy | labeler score | win rate vs SFT (labeler) | held-out win rate | RM score | KL to SFT |",
+             "|---|---|---|---|---|---|"]
+    sweep = []
+    for name, run_name in rows:
+        path = os.path.join(out_root, run_name, "eval.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                e = json.load(f)
+            lines.append(f"| {name} | {fmt(e['labeler_score_ppo'])} | {fmt(e['win_rate_labeler'])} | "
+                         f"{fmt(e['heldout_win_rate_labeler'])} | {fmt(e['rm_score_ppo'])} | {fmt(e['kl_ppo_sft'])} |")
+            if run_name.startswith("sweep") or run_name in ("eval_sft", "ppo"):  # SFT is the sweep's KL = 0 end
+                sweep.append((e["kl_ppo_sft"], e["rm_score_ppo"], e["labeler_score_ppo"]))
+    samples_path = os.path.join(out_root, "ppo", "samples.json")
+    if os.path.exists(samples_path):
+        with open(samples_path) as f:
+            samples = json.load(f)
+        lines += ["", "## Side by side (same prompt, same seed)", ""]
+        for i in range(min(5, len(samples["prompts"]))):
+            lines += [f"- **{samples['prompts'][i].strip()}**", f"  - SFT: {samples['sft'][i]}",
+                      f"  - PPO: {samples['ppo'][i]}"]
+    try:  # figures are optional: without matplotlib the numbers above are the report
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        log_path = os.path.join(out_root, "ppo", "log.jsonl")
+        if os.path.exists(log_path):
+            with open(log_path) as f:
+                records = [r for r in map(json.loads, f) if "objective/kl" in r]
+            fig, axes = plt.subplots(1, 3, figsize=(12, 3))
+            for ax, key in zip(axes, ("objective/scores", "objective/labeler_score", "objective/kl")):
+                ax.plot([r["step"] for r in records], [r.get(key) for r in records])
+                ax.set(title=key, xlabel="PPO iteration")
+            fig.tight_layout()
+            fig.savefig(os.path.join(out_root, "ppo_curves.png"))
+            lines += ["", "![PPO curves](ppo_curves.png)"]
+        if len(sweep) > 2:  # SFT and PPO alone are no sweep
+            sweep.sort()
+            fig, ax = plt.subplots(figsize=(6, 4))
+            ax.plot([s[0] for s in sweep], [s[1] for s in sweep], "o-", label="RM score (proxy)")
+            ax2 = ax.twinx()
+            ax2.plot([s[0] for s in sweep], [s[2] for s in sweep], "s-", color="C1", label="labeler score (gold)")
+            ax.set(xlabel="KL(PPO || SFT), nats", ylabel="RM score")
+            ax2.set(ylabel="labeler score")
+            fig.legend(loc="upper center")
+            fig.tight_layout()
+            fig.savefig(os.path.join(out_root, "overoptimization.png"))
+            lines += ["", "![over-optimisation](overoptimization.png)"]
+    except ImportError:
+        lines += ["", "(install matplotlib for figures)"]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out_root, "report.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+# ----------------------------------------------------------------------------- config -> models -> data -> judge
+
+def main(cfg: Config) -> dict:
+    if cfg.report:
+        return write_report(os.path.dirname(cfg.out_dir) or "out")
+    set_seed(cfg.seed)
+    device, dtype, ctx = setup_device(cfg.device, cfg.dtype)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    sft_policy, sft_ckpt = load_model(cfg.sft, kind="policy")
+    policy, _ = load_model(cfg.policy or cfg.sft, kind="policy")
+    reward_model, rm_ckpt = load_model(cfg.reward, kind="reward")
+    if rm_ckpt["tokenizer"] != sft_ckpt["tokenizer"]:
+        raise ValueError(f"{cfg.reward}: tokenizer {rm_ckpt['tokenizer']} differs from {cfg.sft}'s "
+                         f"{sft_ckpt['tokenizer']}")
+    for model in (sft_policy, policy, reward_model):
+        model.to(device).eval().requires_grad_(False)
+    tokenizer = get_tokenizer(sft_ckpt["tokenizer"])
+    prompts = [r["prompt"] for r in read_jsonl(cfg.prompts, ["prompt"])][:cfg.n_eval]
+    demos = (read_jsonl(os.path.join(os.path.dirname(cfg.prompts), "sft_train.jsonl"), ["prompt", "response"])
+             if cfg.few_shot > 0 else [])  # the few-shot examples: the first demonstrations, then a blank line
+    prefix = "".join(d["prompt"] + d["response"] + "\n\n" for d in demos[:cfg.few_shot])
+    result, texts = evaluate(policy, sft_policy, reward_model, tokenizer, prompts, load_labeler(cfg.prompts), cfg,
+                             ctx, prefix=prefix, best_of=cfg.best_of)
+    save_eval(cfg.out_dir, result, texts, prompts)
+    print(json.dumps(result))
+    return result
+
+if __name__ == "__main__":
+    run(main, Config)
