@@ -123,6 +123,35 @@ def test_tldr_post_without_newlines_keeps_the_longest_prefix_that_fits(gpt2_toke
     assert len(gpt2_tokenizer.encode_ordinary(one_more)) > 512
 
 
+def openai_query(tokenizer, subreddit, title, post, max_tokens=512):
+    """OpenAI's loop as they wrote it (process_query in summarize_from_feedback/tasks.py): the slow, obvious reference."""
+    tldr = load_prepare("tldr")
+    while len(tokenizer.encode_ordinary(tldr.QUERY.format(subreddit=subreddit, title=title, post=post))) > max_tokens:
+        post = post[:post.rindex("\n")] if "\n" in post else post[:-1]
+    return tldr.QUERY.format(subreddit=subreddit, title=title, post=post)
+
+
+def test_tldr_cut_matches_openais_one_character_scan_where_the_token_count_wobbles(gpt2_tokenizer):
+    """" boyfriend" is 1 token but " boyfrien" 3: a query ending in it fits 512 tokens while shorter ones do not, and a
+    binary search over the prefix length (which assumes fewer characters never mean more tokens) stops short."""
+    tldr = load_prepare("tldr")
+    n_tokens = lambda post: len(gpt2_tokenizer.encode_ordinary(tldr.QUERY.format(  # noqa: E731
+        subreddit="relationships", title="t", post=post)))
+    filler = "a" + " a" * (512 - n_tokens("a boyfriend"))  # " a" is one token: the query of filler + " boyfriend" is 512
+    post = filler + " boyfriend" + " and then some more words that do not fit"
+    assert n_tokens(filler + " boyfriend") == 512 and n_tokens(filler + " boyfrien") == 514  # the wobble
+    lo, hi = 0, len(post)  # the binary search this replaced: longest prefix that fits, if counts were monotonic
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if n_tokens(post[:mid]) <= 512 else (lo, mid - 1)
+    expected = openai_query(gpt2_tokenizer, "relationships", "t", post)
+    assert expected.endswith(" boyfriend\n\nTL;DR:") and lo < len(filler + " boyfriend")  # the trap is real
+    assert tldr.format_query(gpt2_tokenizer, "relationships", "t", post) == expected
+    for cut in range(len(filler) - 3, len(post), 2):  # and posts ending anywhere around it
+        assert tldr.format_query(gpt2_tokenizer, "relationships", "t", post[:cut]) == \
+            openai_query(gpt2_tokenizer, "relationships", "t", post[:cut])
+
+
 def test_tldr_choice_picks_chosen_and_cnndm_rows_are_skipped(tmp_path, gpt2_tokenizer, capsys):
     tldr = load_prepare("tldr")
     cnndm = {"info": {"id": "c", "article": "News.", "site": "cnn"}, "summaries": [{"text": " a"}, {"text": " b"}],

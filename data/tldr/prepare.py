@@ -17,6 +17,7 @@ The prompt is OpenAI's query, QUERY below, cut to at most 512 gpt2 tokens the wa
 import argparse
 import functools
 import glob
+import itertools
 import os
 import sys
 from collections import Counter
@@ -37,25 +38,47 @@ MAX_QUERY_TOKENS = 512
 # ----------------------------------------------------------------------------- parsing (tests import these)
 
 def format_query(tokenizer, subreddit, title, post, max_tokens=MAX_QUERY_TOKENS):
-    """OpenAI's query (summarize_from_feedback/tasks.py): while it is over max_tokens, cut the post back at its last
-    newline and re-encode. Returns None if even an empty post does not fit."""
+    """OpenAI's query (summarize_from_feedback/tasks.py, process_query): while it is over max_tokens, cut the post back
+    at its last newline and re-encode; with no newline left, drop one character and re-encode. The answer is the first
+    query that fits. Returns None if even an empty post does not fit (OpenAI raises there)."""
     def query(p):
         return QUERY.format(subreddit=subreddit, title=title, post=p)
     def fits(p):
         return len(tokenizer.encode_ordinary(query(p))) <= max_tokens
     while not fits(post) and "\n" in post:
         post = post[:post.rindex("\n")]
-    if not fits(post):
-        if not fits(""):
-            return None
-        # No newline left: OpenAI drops one character per re-encode. A binary search for the longest prefix that fits
-        # takes O(log n) encodes instead of O(n); it gives the same cut unless BPE's token count wobbles right there.
-        lo, hi = 0, len(post)  # post[:lo] fits, post[:hi + 1] does not
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if fits(post[:mid]) else (lo, mid - 1)
-        post = post[:lo]
-    return query(post)
+    if fits(post):
+        return query(post)
+    if not fits(""):
+        return None
+    # No newline left. GPT-2's token count is not monotonic in the prefix length (" boyfrien" is 3 tokens, " boyfriend"
+    # one), so a binary search can stop at a shorter prefix than OpenAI's one-character-at-a-time scan. We scan the
+    # same way, downward, but start from a bound no longer prefix can fit under, a few characters above the answer.
+    start = len(QUERY.split("{post}")[0].format(subreddit=subreddit, title=title))  # where the post begins
+    for n in range(longest_possible_fit(tokenizer, query(post), start, max_tokens, len(post)), -1, -1):
+        if fits(post[:n]):
+            return query(post[:n])
+    raise AssertionError("unreachable: the empty post fits")
+
+def longest_possible_fit(tokenizer, text, start, max_tokens, n_max):
+    """A bound n such that no query of a prefix post[:m], m > n, fits max_tokens, where text = query(post) and the
+    post starts at character `start` of it. Why it is safe: tiktoken cuts text into pieces with GPT-2's regex and
+    encodes each piece on its own, and a piece always ends where a non-space character meets a space or newline
+    (every regex branch but the whitespace ones excludes whitespace after its optional leading space). Which piece
+    starts where is decided by at most two characters past the piece's end, so every string that starts with
+    text[:J + 2], J such a boundary, encodes text[:J] into the same tokens as text does: the query of post[:m] with
+    start + m >= J + 2 has at least those tokens, plus one for what follows them ("\n\nTL;DR:")."""
+    tokens = tokenizer.encode_ordinary(text)
+    token_ends = list(itertools.accumulate(len(b) for b in tokenizer.decode_tokens_bytes(tokens)))  # byte offsets
+    n_bytes, n_tokens = len(text[:start].encode()), 0
+    for j in range(start, len(text) - 1):
+        n_bytes += len(text[j].encode())  # bytes of text[:j + 1]
+        if text[j + 1] in " \n\t" and not text[j].isspace():  # J = j + 1 ends a piece (isspace covers Unicode's)
+            while n_tokens < len(token_ends) and token_ends[n_tokens] <= n_bytes:
+                n_tokens += 1  # the tokens of text[:j + 1], which is a token boundary too
+            if n_tokens + 1 > max_tokens:
+                return max(0, min(n_max, j + 2 - start))  # m with start + m >= J + 2 cannot fit
+    return n_max
 
 def parse_comparison(row, make_query):
     """One comparison row -> ({"prompt", "chosen", "rejected"}, split), or (None, reason) when it is skipped.
