@@ -78,7 +78,7 @@ class Config:
     grad_clip: float = 1.0
     # PPO-ptx (InstructGPT eq. (2)): γ × the pretraining loss added to the policy loss
     ptx_coef: float = 0.0
-    ptx_data: str = "data/stories/pretrain_train.jsonl"
+    ptx_data: str = ""                 # default: the pretrain_train.jsonl beside --prompts (never another task's)
     ptx_batch_size: int = 4            # packed pretraining chunks per minibatch (4 x 256 bytes: ~18 stories)
     # evaluation and plumbing
     eval_interval: int = 30
@@ -189,7 +189,8 @@ def main(cfg: Config) -> dict:
             print(f"{path}: skipped {len(too_long):,} of {len(rows):,} prompts too long for the context")
             is_long = set(too_long)
             rows[:] = [p for i, p in enumerate(rows) if i not in is_long]
-    ptx = load_examples(cfg.ptx_data, "pretrain", tokenizer, policy.config.block_size) if cfg.ptx_coef > 0 else []
+    ptx_path = cfg.ptx_data or os.path.join(os.path.dirname(cfg.prompts), "pretrain_train.jsonl")
+    ptx = load_examples(ptx_path, "pretrain", tokenizer, policy.config.block_size) if cfg.ptx_coef > 0 else []
     labeler = load_labeler(val_path)
     if cfg.gold_reward and labeler is None:
         raise ValueError(f"--gold_reward: no labeler.py beside {val_path}; only a built-in task has a gold judge")

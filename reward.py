@@ -28,9 +28,11 @@ class Config:
     init: str = "out/sft"             # the SFT checkpoint the RM starts from (InstructGPT: the 6B SFT model)
     data: str = "data/stories/prefs_train.jsonl"
     val_data: str = ""                # default: data with _train replaced by _val
-    sft_data: str = "data/stories/sft_train.jsonl"   # demonstrations: the reward is shifted to average 0 on them
+    sft_data: str = ""                # demonstrations the reward is shifted to average 0 on; default: the
+                                      # sft_train.jsonl beside --data (real data never falls back on the stories')
     n_normalize: int = 512            # how many demonstrations to average for that shift
-    prompts: str = "data/stories/prompts_val.jsonl"  # for RM-vs-labeler agreement on fresh SFT samples
+    prompts: str = ""                 # for RM-vs-labeler agreement on fresh SFT samples, when a labeler.py is
+                                      # beside them (built-in task only); default: the prompts_val.jsonl beside --data
     n_agreement: int = 128            # prompts sampled for that check (0 = skip)
     batch_size: int = 4               # rankings per step (each holds K responses and C(K,2) pairs)
     freeze_layers: int = 1            # the embeddings and this many lowest blocks keep their SFT weights
@@ -193,11 +195,18 @@ def main(cfg: Config) -> dict:
     model.to(device).train()
     block_size = model.config.block_size
 
-    # -- data
+    # -- data: every file is read (and checked) now, so that a missing or bad one stops us before training, not
+    # after it. Defaults come from --data's folder: a dataset's files sit side by side (DESIGN, prepared data).
     train = load_rankings(cfg.data)
     val_path = cfg.val_data or val_path_for(cfg.data)
     val = load_rankings(val_path)
-    print(f"data: {len(train):,} train / {len(val):,} val rankings, K = {sorted({len(r) for _, r in train})}")
+    sft_path = cfg.sft_data or os.path.join(os.path.dirname(cfg.data), "sft_train.jsonl")
+    demos = read_jsonl(sft_path, ["prompt", "response"])[:cfg.n_normalize]
+    prompts_path = cfg.prompts or os.path.join(os.path.dirname(cfg.data), "prompts_val.jsonl")
+    labeler = load_labeler(prompts_path) if cfg.n_agreement > 0 else None  # real data has no gold judge
+    agreement_prompts = [r["prompt"] for r in read_jsonl(prompts_path, ["prompt"])][:cfg.n_agreement] if labeler else []
+    print(f"data: {len(train):,} train / {len(val):,} val rankings, K = {sorted({len(r) for _, r in train})}, "
+          f"{len(demos):,} demonstrations to normalise on from {sft_path}")
 
     @torch.no_grad()
     def evaluate(rankings):
@@ -246,7 +255,6 @@ def main(cfg: Config) -> dict:
 
     # -- normalisation (InstructGPT §3.5): shift the bias so that demonstrations score 0 on average. The loss only
     # sees differences, so the offset is arbitrary; fixing it makes PPO's rewards start near zero.
-    demos = read_jsonl(cfg.sft_data, ["prompt", "response"])[:cfg.n_normalize]
     with torch.no_grad(), ctx:
         demo_scores = torch.cat([score(model, *encode_for_scoring(tokenizer, [d["prompt"] for d in chunk],
                                                                    [d["response"] for d in chunk], block_size, device))
@@ -256,10 +264,17 @@ def main(cfg: Config) -> dict:
         model.score_head.bias -= reward_shift
     print(f"reward shift {reward_shift:+.3f}: demonstrations now score 0 on average (std {demo_scores.std():.3f})")
 
+    def save(agreement):  # the RM is saved as soon as it is finished, before any extra check that could fail
+        save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
+            "kind": "reward", "model_config": asdict(model.config), "model": model.state_dict(),
+            "tokenizer": sft_ckpt["tokenizer"], "step": len(batches), "config": asdict(cfg),
+            "reward_shift": reward_shift, "val_accuracy": val_accuracy, "labeler_agreement": agreement})
+    save(None)
+
     # -- does the RM agree with the gold labeler on fresh samples from the SFT policy? (built-in task only)
-    labeler, agreement = load_labeler(cfg.prompts), None
-    if labeler is not None and cfg.n_agreement > 0:
-        prompts = [r["prompt"] for r in read_jsonl(cfg.prompts, ["prompt"])][:cfg.n_agreement]
+    agreement = None
+    if labeler is not None:
+        prompts = agreement_prompts
         gen_rng = torch.Generator(device=device).manual_seed(cfg.seed)
         policy.to(device)
         texts = []  # two samples per prompt, compared with each other by the RM and by the labeler
@@ -275,11 +290,7 @@ def main(cfg: Config) -> dict:
         agree = ((rm[0] > rm[1]).cpu() == (gold[0] > gold[1]))[is_decided]
         agreement = agree.float().mean().item() if len(agree) else float("nan")
         print(f"RM agrees with the labeler on {agreement:.1%} of {len(agree)} pairs of fresh SFT samples")
-
-    save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
-        "kind": "reward", "model_config": asdict(model.config), "model": model.state_dict(),
-        "tokenizer": sft_ckpt["tokenizer"], "step": len(batches), "config": asdict(cfg),
-        "reward_shift": reward_shift, "val_accuracy": val_accuracy, "labeler_agreement": agreement})
+        save(agreement)
     result = {"val_accuracy": val_accuracy, "reward_shift": reward_shift, "labeler_agreement": agreement}
     log(cfg.out_dir, {"final": result})
     return result

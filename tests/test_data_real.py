@@ -124,7 +124,7 @@ def test_tldr_post_without_newlines_keeps_the_longest_prefix_that_fits(gpt2_toke
 
 
 def openai_query(tokenizer, subreddit, title, post, max_tokens=512):
-    """OpenAI's loop as they wrote it (process_query in summarize_from_feedback/tasks.py): the slow, obvious reference."""
+    """OpenAI's loop as they wrote it (process_query, summarize_from_feedback/tasks.py): the slow, obvious reference."""
     tldr = load_prepare("tldr")
     while len(tokenizer.encode_ordinary(tldr.QUERY.format(subreddit=subreddit, title=title, post=post))) > max_tokens:
         post = post[:post.rindex("\n")] if "\n" in post else post[:-1]
@@ -137,7 +137,7 @@ def test_tldr_cut_matches_openais_one_character_scan_where_the_token_count_wobbl
     tldr = load_prepare("tldr")
     n_tokens = lambda post: len(gpt2_tokenizer.encode_ordinary(tldr.QUERY.format(  # noqa: E731
         subreddit="relationships", title="t", post=post)))
-    filler = "a" + " a" * (512 - n_tokens("a boyfriend"))  # " a" is one token: the query of filler + " boyfriend" is 512
+    filler = "a" + " a" * (512 - n_tokens("a boyfriend"))  # " a" is one token: filler + " boyfriend" makes 512
     post = filler + " boyfriend" + " and then some more words that do not fit"
     assert n_tokens(filler + " boyfriend") == 512 and n_tokens(filler + " boyfrien") == 514  # the wobble
     lo, hi = 0, len(post)  # the binary search this replaced: longest prefix that fits, if counts were monotonic

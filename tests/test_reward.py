@@ -7,7 +7,9 @@ the bias shift that makes demonstrations score 0, and a tiny run that learns. Ti
 import math
 import os
 import random
+import shutil
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -254,3 +256,20 @@ def test_reward_normalisation_makes_demonstrations_score_zero_on_average(rm_run)
         scores = reward.score(model, tokens, mask)
     assert abs(scores.mean().item()) < 1e-4  # fp32 mean of 8 scores of size ~1
     assert scores.std() > 1e-3  # the shift moved the mean; it did not collapse the scores
+
+def test_defaults_come_from_the_data_folder_and_a_missing_file_stops_before_training(rm_run, tmp_path):
+    """Real data never falls back on the stories task's files: the demonstrations the RM is normalised on
+    (InstructGPT §3.5) default to the sft_train.jsonl beside --data, and a missing one is an error before training."""
+    cfg, _ = rm_run
+    folder = tmp_path / "real"
+    folder.mkdir()
+    for name in ("prefs_train.jsonl", "prefs_val.jsonl"):
+        shutil.copy(Path(cfg.data).parent / name, folder / name)
+    real = replace(cfg, out_dir=str(tmp_path / "rm"), data=str(folder / "prefs_train.jsonl"), sft_data="", prompts="")
+    with pytest.raises(FileNotFoundError, match="real/sft_train.jsonl: no such file"):
+        reward.main(real)
+    assert not (tmp_path / "rm").exists()  # nothing trained, nothing logged
+    shutil.copy(cfg.sft_data, folder / "sft_train.jsonl")
+    result = reward.main(real)  # no labeler.py and no prompts_val.jsonl beside it: no agreement check, no error
+    assert result["labeler_agreement"] is None
+    assert common.load_checkpoint(real.out_dir, "reward")["reward_shift"] == result["reward_shift"]
