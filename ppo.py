@@ -147,6 +147,73 @@ def value_loss(values, old_values, returns, mask, cliprange_value):
     clipfrac = masked_mean((values - returns) ** 2 < (values_clipped - returns) ** 2, mask)
     return 0.5 * masked_mean(losses, mask), clipfrac
 
+def adapt_kl_coef(kl_coef, mean_kl, target_kl, n_rollouts, horizon):
+    """Ziegler et al. (2019) §2.2's adaptive KL controller: β grows when the KL is above target and shrinks below it,
+    the proportional error clipped to ±0.2, at a speed of n_rollouts / horizon per batch."""
+    proportional_error = max(-0.2, min(0.2, mean_kl / target_kl - 1))
+    return kl_coef * (1 + proportional_error * n_rollouts / horizon)
+
+def explained_variance(returns, values, mask):
+    """1 - Var(returns - V) / Var(returns) over the real tokens: 1 = V predicts the returns, 0 = no better than
+    their mean (N+ details' ppo/val/explained_variance)."""
+    residual = masked_mean((returns - values) ** 2, mask)
+    return 1 - residual / masked_mean((returns - masked_mean(returns, mask)) ** 2, mask).clamp(min=1e-8)
+
+# ----------------------------------------------------------------------------- plumbing: models and prompts
+
+def load_models(cfg, device):
+    """The four models: π and π_ref from the SFT checkpoint, the RM, and V from the RM. -> models, tokenizer name."""
+    ref_policy, sft_ckpt = load_model(cfg.sft, kind="policy")
+    policy, _ = load_model(cfg.sft, kind="policy")
+    reward_model, rm_ckpt = load_model(cfg.reward, kind="reward")
+    if rm_ckpt["tokenizer"] != sft_ckpt["tokenizer"]:
+        raise ValueError(f"{cfg.reward}: tokenizer {rm_ckpt['tokenizer']} differs from {cfg.sft}'s "
+                         f"{sft_ckpt['tokenizer']}")
+    value_model = GPT.from_checkpoint(rm_ckpt, cfg.reward)  # InstructGPT §3.5: the value function starts as the RM
+    # Deviation: we keep the RM's trunk but zero its head. The RM's head was trained only at end-of-text tokens and on
+    # the RM's raw scale; with whitened scores its outputs elsewhere are noise that GAE would turn into advantages.
+    torch.nn.init.zeros_(value_model.score_head.weight)
+    torch.nn.init.zeros_(value_model.score_head.bias)
+    for model in (ref_policy, reward_model):
+        model.to(device).eval().requires_grad_(False)
+    # dropout is 0 in every model (N+ details), so train() and eval() compute the same log-probs
+    policy.to(device).train()
+    value_model.to(device).train()
+    return policy, ref_policy, reward_model, value_model, sft_ckpt["tokenizer"]
+
+def load_prompts(path, tokenizer, cfg, block_size, limit=None):
+    """A prompts file's prompts, checked now rather than at the first rollout or eval: a prompt that leaves no room
+    for max_new_tokens is an error, or with --skip_long_prompts dropped and counted."""
+    prompts = [r["prompt"] for r in read_jsonl(path, ["prompt"])][:limit]
+    too_long = [i for i, p in enumerate(prompts) if len(tokenizer.encode_ordinary(p)) + cfg.max_new_tokens >
+                block_size]
+    if too_long and (not cfg.skip_long_prompts or len(too_long) == len(prompts)):
+        raise ValueError(f"{path}:{too_long[0] + 1}: prompt leaves no room for {cfg.max_new_tokens} new "
+                         f"tokens in a {block_size}-token context ({len(too_long):,} such prompts;"
+                         f" --skip_long_prompts drops them)")
+    if too_long:
+        print(f"{path}: skipped {len(too_long):,} of {len(prompts):,} prompts too long for the context")
+    is_long = set(too_long)
+    return [p for i, p in enumerate(prompts) if i not in is_long]
+
+def save_run(path, cfg, tokenizer_name, policy, value_model, optimizer, rngs, kl_coef, iteration):
+    """Everything --resume needs to continue exactly where the run stopped: both models, Adam, the RNGs and β."""
+    save_checkpoint(path, {
+        "kind": "policy", "model_config": asdict(policy.config), "model": policy.state_dict(),
+        "tokenizer": tokenizer_name, "step": iteration, "config": asdict(cfg), "value_model": value_model.state_dict(),
+        "optimizer": optimizer.state_dict(), **{k: g.get_state() for k, g in rngs.items()}, "kl_coef": kl_coef})
+
+def resume_run(path, policy, value_model, optimizer, rngs):
+    """Load what save_run wrote into the models, Adam and the RNGs; returns (β, the iteration to continue from)."""
+    ckpt = load_checkpoint(path, "policy")
+    policy.load_state_dict(ckpt["model"])
+    value_model.load_state_dict(ckpt["value_model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    for k, generator in rngs.items():
+        generator.set_state(ckpt[k])
+    print(f"resumed from {path} at iteration {ckpt['step']}")
+    return ckpt["kl_coef"], ckpt["step"]
+
 # ----------------------------------------------------------------------------- config -> models -> data -> loop -> save
 
 def main(cfg: Config) -> dict:
@@ -154,43 +221,15 @@ def main(cfg: Config) -> dict:
     device, dtype, ctx = setup_device(cfg.device, cfg.dtype, cfg.compile)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     os.makedirs(cfg.out_dir, exist_ok=True)
-
-    # -- the four models
-    ref_policy, sft_ckpt = load_model(cfg.sft, kind="policy")
-    policy, _ = load_model(cfg.sft, kind="policy")
-    reward_model, rm_ckpt = load_model(cfg.reward, kind="reward")
-    value_model = GPT.from_checkpoint(rm_ckpt, cfg.reward)  # InstructGPT §3.5: the value function starts as the RM
-    # Deviation: we keep the RM's trunk but zero its head. The RM's head was trained only at end-of-text tokens and on
-    # the RM's raw scale; with whitened scores its outputs elsewhere are noise that GAE would turn into advantages.
-    torch.nn.init.zeros_(value_model.score_head.weight)
-    torch.nn.init.zeros_(value_model.score_head.bias)
-    if rm_ckpt["tokenizer"] != sft_ckpt["tokenizer"]:
-        raise ValueError(f"{cfg.reward}: tokenizer {rm_ckpt['tokenizer']} differs from {cfg.sft}'s "
-                         f"{sft_ckpt['tokenizer']}")
-    tokenizer = get_tokenizer(sft_ckpt["tokenizer"])
-    for model in (ref_policy, reward_model):
-        model.to(device).eval().requires_grad_(False)
-    # dropout is 0 in every model (N+ details), so train() and eval() compute the same log-probs
-    policy.to(device).train()
-    value_model.to(device).train()
+    policy, ref_policy, reward_model, value_model, tokenizer_name = load_models(cfg, device)
+    tokenizer, block_size = get_tokenizer(tokenizer_name), policy.config.block_size
 
     # -- data
-    prompts = [r["prompt"] for r in read_jsonl(cfg.prompts, ["prompt"])]
+    prompts = load_prompts(cfg.prompts, tokenizer, cfg, block_size)
     val_path = cfg.val_prompts or val_path_for(cfg.prompts)
-    val_prompts = [r["prompt"] for r in read_jsonl(val_path, ["prompt"])][:cfg.n_eval]
-    for path, rows in ((cfg.prompts, prompts), (val_path, val_prompts)):  # fail now, not at the first eval
-        too_long = [i for i, p in enumerate(rows) if len(tokenizer.encode_ordinary(p)) + cfg.max_new_tokens >
-                    policy.config.block_size]
-        if too_long and (not cfg.skip_long_prompts or len(too_long) == len(rows)):
-            raise ValueError(f"{path}:{too_long[0] + 1}: prompt leaves no room for {cfg.max_new_tokens} new "
-                             f"tokens in a {policy.config.block_size}-token context ({len(too_long):,} such prompts;"
-                             f" --skip_long_prompts drops them)")
-        if too_long:
-            print(f"{path}: skipped {len(too_long):,} of {len(rows):,} prompts too long for the context")
-            is_long = set(too_long)
-            rows[:] = [p for i, p in enumerate(rows) if i not in is_long]
+    val_prompts = load_prompts(val_path, tokenizer, cfg, block_size, limit=cfg.n_eval)
     ptx_path = cfg.ptx_data or os.path.join(os.path.dirname(cfg.prompts), "pretrain_train.jsonl")
-    ptx = load_examples(ptx_path, "pretrain", tokenizer, policy.config.block_size) if cfg.ptx_coef > 0 else []
+    ptx = load_examples(ptx_path, "pretrain", tokenizer, block_size) if cfg.ptx_coef > 0 else []
     labeler = load_labeler(val_path)
     if cfg.gold_reward and labeler is None:
         raise ValueError(f"--gold_reward: no labeler.py beside {val_path}; only a built-in task has a gold judge")
@@ -202,23 +241,10 @@ def main(cfg: Config) -> dict:
                                   eps=1e-5, weight_decay=0.0)
     prompt_rng = torch.Generator().manual_seed(cfg.seed)                 # which prompts, which minibatches
     gen_rng = torch.Generator(device=device).manual_seed(cfg.seed + 1)   # the sampler's draws
+    rngs = {"prompt_rng": prompt_rng, "gen_rng": gen_rng}
     kl_coef, start_iter = cfg.init_kl_coef, 0
     if cfg.resume:
-        ckpt = load_checkpoint(ckpt_path, "policy")
-        policy.load_state_dict(ckpt["model"])
-        value_model.load_state_dict(ckpt["value_model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        prompt_rng.set_state(ckpt["prompt_rng"])
-        gen_rng.set_state(ckpt["gen_rng"])
-        kl_coef, start_iter = ckpt["kl_coef"], ckpt["step"]
-        print(f"resumed from {ckpt_path} at iteration {start_iter}")
-
-    def save(iteration):
-        save_checkpoint(ckpt_path, {
-            "kind": "policy", "model_config": asdict(policy.config), "model": policy.state_dict(),
-            "tokenizer": sft_ckpt["tokenizer"], "step": iteration, "config": asdict(cfg),
-            "value_model": value_model.state_dict(), "optimizer": optimizer.state_dict(),
-            "prompt_rng": prompt_rng.get_state(), "gen_rng": gen_rng.get_state(), "kl_coef": kl_coef})
+        kl_coef, start_iter = resume_run(ckpt_path, policy, value_model, optimizer, rngs)
 
     # the SFT model's side of every evaluation: the same samples each time, so generated once
     sft_side = sample_and_score(ref_policy, reward_model, tokenizer, val_prompts, cfg, ctx)[:2]
@@ -272,7 +298,7 @@ def main(cfg: Config) -> dict:
         advantages, returns = compute_gae(rewards, old_values, response_mask, cfg.gamma, cfg.lam)
         advantages = masked_whiten(advantages, response_mask)  # N+ details: whitened per batch over real tokens
         # ------------------------------------------------------------ 5. PPO epochs over minibatches
-        stats = {k: [] for k in ("pg_loss", "vf_loss", "clipfrac", "approxkl", "vf_clipfrac", "entropy", "ptx")}
+        stats = {"ptx_loss": []}  # the N+ details' metric names, less their "ppo/" prefix; lists of minibatch values
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(cfg.batch_size, generator=prompt_rng)
             for start in range(0, cfg.batch_size, mb_size):
@@ -292,7 +318,7 @@ def main(cfg: Config) -> dict:
                         x, y = make_batch([ptx[i] for i in idx], tokenizer.eot_token)
                         ptx_loss = lm_loss(policy, x.to(device), y.to(device))
                         loss = loss + cfg.ptx_coef * ptx_loss
-                        stats["ptx"].append(ptx_loss.detach())
+                        stats["ptx_loss"].append(ptx_loss.detach())
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 # clip each model on its own: the value loss's large early gradients must not shrink π's step
@@ -300,32 +326,22 @@ def main(cfg: Config) -> dict:
                 torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.grad_clip)
                 optimizer.step()
                 with torch.no_grad():
-                    probs = F.softmax(mb_logits, dim=-1)
-                    entropy = -(probs * F.log_softmax(mb_logits, dim=-1)).sum(-1)  # (mb, R)
-                for k, v in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("clipfrac", clipfrac),
-                             ("approxkl", approxkl), ("vf_clipfrac", vf_clipfrac),
-                             ("entropy", masked_mean(entropy, mb_mask))):
-                    stats[k].append(v.detach())
+                    entropy = -(F.softmax(mb_logits, dim=-1) * F.log_softmax(mb_logits, dim=-1)).sum(-1)  # (mb, R)
+                for k, v in (("policy/entropy_avg", masked_mean(entropy, mb_mask)), ("policy/clipfrac_avg", clipfrac),
+                             ("policy/approxkl_avg", approxkl), ("loss/policy_avg", pg_loss),
+                             ("loss/value_avg", vf_loss), ("val/clipfrac_avg", vf_clipfrac)):
+                    stats.setdefault(k, []).append(v.detach())
         # ------------------------------------------------------------ adaptive KL (Ziegler et al. 2019, §2.2)
         mean_kl = kl.sum(1).mean().item()  # sync point: once per iteration
         rlhf_reward = (scores - kl_coef * kl.sum(1)).mean().item()  # with the β that built this batch's rewards
         if cfg.adaptive_kl:
-            proportional_error = max(-0.2, min(0.2, mean_kl / cfg.target_kl - 1))
-            kl_coef *= 1 + proportional_error * cfg.batch_size / cfg.kl_horizon
+            kl_coef = adapt_kl_coef(kl_coef, mean_kl, cfg.target_kl, cfg.batch_size, cfg.kl_horizon)
         # ------------------------------------------------------------ logging (the N+ details' metric names)
         record = {"step": iteration + 1, "objective/kl": mean_kl, "objective/scores": scores.mean().item(),
                   "objective/rlhf_reward": rlhf_reward, "objective/kl_coef": kl_coef,
-                  "ppo/policy/entropy_avg": torch.stack(stats["entropy"]).mean().item(),
-                  "ppo/policy/clipfrac_avg": torch.stack(stats["clipfrac"]).mean().item(),
-                  "ppo/policy/approxkl_avg": torch.stack(stats["approxkl"]).mean().item(),
-                  "ppo/loss/policy_avg": torch.stack(stats["pg_loss"]).mean().item(),
-                  "ppo/loss/value_avg": torch.stack(stats["vf_loss"]).mean().item(),
+                  **{f"ppo/{k}": torch.stack(v).mean().item() if v else None for k, v in stats.items()},
                   "ppo/lr": optimizer.param_groups[0]["lr"],
-                  "ppo/val/clipfrac_avg": torch.stack(stats["vf_clipfrac"]).mean().item(),
-                  "ppo/val/explained_variance": (1 - masked_mean((returns - old_values) ** 2, response_mask)
-                                                 / masked_mean((returns - masked_mean(returns, response_mask)) ** 2,
-                                                               response_mask).clamp(min=1e-8)).item(),
-                  "ppo/ptx_loss": torch.stack(stats["ptx"]).mean().item() if stats["ptx"] else None,
+                  "ppo/val/explained_variance": explained_variance(returns, old_values, response_mask).item(),
                   "response/length": response_mask.sum(1).float().mean().item(),
                   "response/eos_share": has_eos.float().mean().item(), "time/rollout_s": t_rollout,
                   "time/iteration_s": time.time() - t0}
@@ -337,7 +353,7 @@ def main(cfg: Config) -> dict:
             run_eval(iteration + 1)
         log(cfg.out_dir, record)
         if (iteration + 1) % cfg.save_interval == 0 or iteration + 1 == cfg.n_iters:
-            save(iteration + 1)
+            save_run(ckpt_path, cfg, tokenizer_name, policy, value_model, optimizer, rngs, kl_coef, iteration + 1)
     bar.close()
     with open(os.path.join(cfg.out_dir, "eval.json")) as f:
         return json.load(f)
