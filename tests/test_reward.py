@@ -226,7 +226,7 @@ def test_frozen_lower_blocks_keep_their_sft_weights_and_the_top_block_learns(rm_
 def test_freezing_every_block_is_a_one_line_error(rm_run):
     cfg, _ = rm_run
     with pytest.raises(ValueError) as excinfo:
-        reward.main(replace(cfg, freeze_layers=TINY["n_layer"]))
+        reward.main(replace(cfg, freeze_layers=TINY["n_layer"], out_dir=cfg.out_dir + "_frozen"))
     one_line_error(excinfo, "freeze_layers=2")
 
 def test_length_grouped_batches_keep_every_ranking_once_and_need_less_padding():
