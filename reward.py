@@ -6,6 +6,7 @@ together in one batch element: each response is scored once (K forward passes in
 found that treating the pairs as separate examples over-fits in one epoch. We go one step further: a ranking's K
 responses share their prompt, so it is packed into one row and the prompt is run once (encode_rankings).
     python reward.py --init=out/sft --data=data/stories/prefs_train.jsonl --out_dir=out/rm
+    torchrun --standalone --nproc_per_node=8 reward.py ...   # several GPUs: DDP, one process each
 """
 import itertools
 import os
@@ -16,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (check_finite, check_range, get_lr, get_tokenizer, load_labeler, log, prepare_run_dir, read_jsonl,
-                    run, save_checkpoint, set_seed, setup_device, val_path_for)
+from common import (all_reduce_sum, get_lr, get_tokenizer, load_labeler, log, read_jsonl, run, save_checkpoint,
+                    set_seed, setup_device, setup_distributed, val_path_for, wrap_ddp)
 from model import GPT, last_token_scores, load_model
 from sample import generate
-from sft import encode_example, is_too_long
+from sft import encode_example
 
 @dataclass
 class Config:
@@ -34,7 +35,8 @@ class Config:
     prompts: str = ""                 # for RM-vs-labeler agreement on fresh SFT samples, when a labeler.py is
                                       # beside them (built-in task only); default: the prompts_val.jsonl beside --data
     n_agreement: int = 128            # prompts sampled for that check (0 = skip)
-    batch_size: int = 4               # rankings per step (each holds K responses and C(K,2) pairs)
+    batch_size: int = 4               # rankings per step and process (each holds K responses and C(K,2) pairs); under
+                                      # torchrun with N processes a step's global batch is N * batch_size rankings
     freeze_layers: int = 1            # the embeddings and this many lowest blocks keep their SFT weights
     group_by_length: int = 8          # batches per length-sorted group, to cut padding (0 = plain shuffle)
     epochs: int = 1                   # InstructGPT trains the RM for one epoch: more over-fits
@@ -48,14 +50,6 @@ class Config:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
-    overwrite: bool = False           # replace the RM in out_dir (without it, a saved one is refused)
-
-def check_config(cfg):
-    """Every setting's range, checked before anything runs: one place, so new keys go here."""
-    check_range(cfg, ("n_normalize", "batch_size", "epochs", "eval_interval", "max_new_tokens"), 1)
-    check_range(cfg, ("n_agreement", "freeze_layers", "group_by_length", "warmup_steps", "weight_decay",
-                      "grad_clip"), 0)
-    check_range(cfg, ("lr",), 0, strict=True)
 
 # ----------------------------------------------------------------------------- the math (tests import these)
 
@@ -179,10 +173,10 @@ def length_grouped_batches(order, lengths, batch_size, group, generator):
 # ----------------------------------------------------------------------------- config -> data -> model -> loop -> save
 
 def main(cfg: Config) -> dict:
-    check_config(cfg)
-    prepare_run_dir(cfg.out_dir, overwrite=cfg.overwrite)
-    set_seed(cfg.seed)
-    device, dtype, ctx = setup_device(cfg.device, cfg.dtype, cfg.compile)
+    rank, world_size, device = setup_distributed(cfg.device)
+    master = rank == 0  # rank 0 alone prints, logs, normalises and saves
+    set_seed(cfg.seed + rank)
+    device, dtype, ctx = setup_device(device, cfg.dtype, cfg.compile)
 
     # -- the reward model: the SFT trunk, with a fresh scalar head in place of the LM head
     policy, sft_ckpt = load_model(cfg.init, kind="policy")
@@ -210,27 +204,26 @@ def main(cfg: Config) -> dict:
     train = load_rankings(cfg.data)
     val_path = cfg.val_data or val_path_for(cfg.data)
     val = load_rankings(val_path)
-    for path, rankings in ((cfg.data, train), (val_path, val)):  # never silently: a cut prompt loses its start
-        n_cut = sum(any(is_too_long(tokenizer, [p, r], block_size) for r in ranking) for p, ranking in rankings)
-        if n_cut:
-            print(f"{path}: cut {n_cut:,} of {len(rankings):,} rankings to the {block_size}-token context")
     sft_path = cfg.sft_data or os.path.join(os.path.dirname(cfg.data), "sft_train.jsonl")
     demos = read_jsonl(sft_path, ["prompt", "response"])[:cfg.n_normalize]
     prompts_path = cfg.prompts or os.path.join(os.path.dirname(cfg.data), "prompts_val.jsonl")
     labeler = load_labeler(prompts_path) if cfg.n_agreement > 0 else None  # real data has no gold judge
     agreement_prompts = [r["prompt"] for r in read_jsonl(prompts_path, ["prompt"])][:cfg.n_agreement] if labeler else []
-    print(f"data: {len(train):,} train / {len(val):,} val rankings, K = {sorted({len(r) for _, r in train})}, "
-          f"{len(demos):,} demonstrations to normalise on from {sft_path}")
+    if master:
+        print(f"data: {len(train):,} train / {len(val):,} val rankings, K = {sorted({len(r) for _, r in train})}, "
+              f"{len(demos):,} demonstrations to normalise on from {sft_path}")
 
     @torch.no_grad()
     def evaluate(rankings):
         model.eval()
-        n_correct, n_pairs = 0, 0
+        rankings = rankings[rank::world_size]  # several processes: each counts its share, the counts are summed
+        counts = torch.zeros(2, device=device)  # pairs ordered right, pairs
         for i in range(0, len(rankings), cfg.batch_size):
             with ctx:
                 _, batch_correct, batch_pairs = ranking_loss(model, tokenizer, rankings[i:i + cfg.batch_size],
                                                              block_size, device)
-            n_correct, n_pairs = n_correct + int(batch_correct), n_pairs + batch_pairs  # sync point: eval only
+            counts += torch.stack([batch_correct.float(), torch.tensor(float(batch_pairs), device=device)])
+        n_correct, n_pairs = all_reduce_sum(counts).tolist()  # sync point: eval only
         model.train()
         return n_correct / max(1, n_pairs)  # a share of pairs, counted exactly
 
@@ -241,32 +234,51 @@ def main(cfg: Config) -> dict:
     # A batch is padded to its longest sequence, so batches are cut from length-sorted groups. Lengths in characters
     # (a proxy for tokens) save tokenizing the data twice: the batches are encoded in ranking_loss.
     lengths = [max(len(p) + len(r) for r in ranking) for p, ranking in train]
-    batches = length_grouped_batches(order, lengths, cfg.batch_size, cfg.group_by_length, rng)
-    bar = tqdm(batches, desc="reward", dynamic_ncols=True)
+    # The batches are cut at the global size, the same on every process (the same seed); each process then takes
+    # its own contiguous slice, so N processes of batch b step exactly as one process of batch N * b. A last batch
+    # with fewer rankings than processes would leave one with nothing to backpropagate, and is dropped.
+    batches = length_grouped_batches(order, lengths, world_size * cfg.batch_size, cfg.group_by_length, rng)
+    batches = [batch_idx for batch_idx in batches if len(batch_idx) >= world_size]
+    train_model = wrap_ddp(model, device)  # several processes: gradients averaged over them in backward
+
+    def n_ranked(batch_idx):  # rankings that carry a preference: the loss is their mean (all ties carry none)
+        return sum(len(set(train[i][1])) > 1 for i in batch_idx)
+
+    bar = tqdm(batches, desc="reward", dynamic_ncols=True, disable=not master)
     for step, batch_idx in enumerate(bar, 1):
         t0 = time.time()
         lr = get_lr(step - 1, cfg.lr, cfg.warmup_steps, len(batches))
         for group in optimizer.param_groups:
             group["lr"] = lr
+        my_idx = batch_idx[rank * len(batch_idx) // world_size:(rank + 1) * len(batch_idx) // world_size]
         with ctx:
-            loss, n_correct, n_pairs = ranking_loss(model, tokenizer, [train[i] for i in batch_idx], block_size,
+            loss, n_correct, n_pairs = ranking_loss(train_model, tokenizer, [train[i] for i in my_idx], block_size,
                                                     device)
+        # The step's loss is the mean over the global batch's rankings: this process's mean, weighted by its share
+        # of them, times world_size because DDP averages the processes' gradients (1 in one process).
+        loss = loss * (n_ranked(my_idx) * world_size / max(1, n_ranked(batch_idx)))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        record = {"step": step, "train/loss": loss.item(), "train/accuracy": int(n_correct) / max(1, n_pairs),
-                  "lr": lr}  # sync point
-        check_finite(f"step {step}", record)
+        # the logged loss and accuracy are the global batch's: summed over the processes
+        step_loss, n_correct, n_pairs = all_reduce_sum(torch.stack([
+            loss.detach().float() / world_size, n_correct.float(), torch.tensor(float(n_pairs), device=device)]))
+        record = {"step": step, "train/loss": step_loss.item(),
+                  "train/accuracy": n_correct.item() / max(1, n_pairs.item()), "lr": lr}  # sync point
         bar.set_postfix_str(f"loss {record['train/loss']:.3f} | acc {record['train/accuracy']:.2f} | "
                             f"{(time.time() - t0) * 1000:.0f}ms")
         if step % cfg.eval_interval == 0 or step == len(batches):
             record["val/accuracy"] = evaluate(val)
-            tqdm.write(f"step {step}/{len(batches)} | loss {record['train/loss']:.3f} | "
-                       f"val accuracy {record['val/accuracy']:.3f}")
-        log(cfg.out_dir, record)
+            if master:
+                tqdm.write(f"step {step}/{len(batches)} | loss {record['train/loss']:.3f} | "
+                           f"val accuracy {record['val/accuracy']:.3f}")
+        if master:
+            log(cfg.out_dir, record)
     val_accuracy = record["val/accuracy"]
     model.eval()
+    if not master:  # what follows (the bias shift, the agreement check, the checkpoint) is rank 0's
+        return {"val_accuracy": val_accuracy}
 
     # -- normalisation (InstructGPT §3.5): shift the bias so that demonstrations score 0 on average. The loss only
     # sees differences, so the offset is arbitrary; fixing it makes PPO's rewards start near zero.

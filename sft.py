@@ -6,6 +6,7 @@ Two modes share one loop:
               to imitate, and the response ends with end-of-text, which is in the loss, so the model learns to stop.
     python sft.py --mode=pretrain --data=data/stories/pretrain_train.jsonl --out_dir=out/base
     python sft.py --init=out/base --data=data/stories/sft_train.jsonl --out_dir=out/sft
+    torchrun --standalone --nproc_per_node=8 sft.py ...   # several GPUs: DDP, one process each
 """
 import os
 import time
@@ -15,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (check_finite, check_range, get_lr, get_tokenizer, log, prepare_run_dir, read_jsonl,
-                    resume_checkpoint, run, save_checkpoint, set_seed, setup_device, val_path_for)
+from common import (all_reduce_sum, get_lr, get_tokenizer, load_checkpoint, log, read_jsonl, run, save_checkpoint,
+                    set_seed, setup_device, setup_distributed, val_path_for, wrap_ddp)
 from model import GPT, GPTConfig, load_model
 
 @dataclass
@@ -34,8 +35,9 @@ class Config:
     block_size: int = 256
     dropout: float = 0.0
     # optimisation
-    batch_size: int = 32
-    grad_accum: int = 1               # micro-batches per step: effective batch = batch_size * grad_accum
+    batch_size: int = 32              # rows per micro-batch, per process
+    grad_accum: int = 1               # micro-batches per step; under torchrun with N processes, a step's global
+                                      # batch is N * batch_size * grad_accum rows (N=2, b=16 sees what N=1, b=32 does)
     max_steps: int = 600
     lr: float = 1e-3                  # peak lr; use ~1e-5 to fine-tune GPT-2 (InstructGPT SFT: 9.65e-6 for 1.3B)
     warmup_steps: int = 50
@@ -46,23 +48,9 @@ class Config:
     eval_batches: int = 8
     seed: int = 1337
     resume: bool = False              # continue from out_dir/ckpt.pt (same data order, same optimizer state)
-    overwrite: bool = False           # replace the run in out_dir (without it or --resume, a saved run is refused)
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
-
-def check_config(cfg):
-    """Every setting's range and every input file, checked before anything runs: one place, so new keys go here."""
-    check_range(cfg, ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_steps",
-                      "eval_interval", "eval_batches"), 1)
-    check_range(cfg, ("lr",), 0, strict=True)
-    check_range(cfg, ("warmup_steps", "weight_decay", "grad_clip"), 0)
-    check_range(cfg, ("dropout", "min_lr_ratio"), 0, high=1)
-    if cfg.mode not in ("sft", "pretrain"):
-        raise ValueError(f"--mode={cfg.mode}: expected 'sft' or 'pretrain'")
-    for path in (cfg.data, cfg.val_data or val_path_for(cfg.data)):
-        if (path == cfg.data or cfg.val_data) and not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: no such file")
 
 # ----------------------------------------------------------------------------- data: the response-only mask
 
@@ -73,13 +61,6 @@ def encode_example(tokenizer, prompt, response, block_size):
     tokens = prompt_ids + tokenizer.encode_ordinary(response) + [tokenizer.eot_token]
     n_cut = max(0, len(tokens) - (block_size + 1))  # +1: inputs and targets are shifted copies
     return tokens[n_cut:], max(0, len(prompt_ids) - n_cut)
-
-def is_too_long(tokenizer, texts, n_tokens):
-    """Whether texts, encoded one after another and ended by <|endoftext|>, take more than n_tokens tokens. A token
-    is at least one UTF-8 byte, so text that fits in bytes fits in tokens and is not tokenized again."""
-    if sum(len(t.encode("utf-8")) for t in texts) + 1 <= n_tokens:
-        return False
-    return sum(len(tokenizer.encode_ordinary(t)) for t in texts) + 1 > n_tokens
 
 def load_examples(path, mode, tokenizer, block_size):
     """(tokens, n_prompt) per example. Pretraining text has no prompt: the documents are packed into one stream,
@@ -93,11 +74,8 @@ def load_examples(path, mode, tokenizer, block_size):
         # input, and every token after the first is a target exactly once (a chunk needs two tokens).
         return [(stream[i:i + block_size + 1], 0) for i in range(0, len(stream) - 1, block_size)]
     if mode == "sft":
-        rows = read_jsonl(path, ["prompt", "response"])
-        n_cut = sum(is_too_long(tokenizer, [r["prompt"], r["response"]], block_size + 1) for r in rows)
-        if n_cut:  # never silently: a cut example loses the start of its prompt
-            print(f"{path}: cut {n_cut:,} of {len(rows):,} examples to the {block_size}-token context")
-        return [encode_example(tokenizer, r["prompt"], r["response"], block_size) for r in rows]
+        return [encode_example(tokenizer, r["prompt"], r["response"], block_size)
+                for r in read_jsonl(path, ["prompt", "response"])]
     raise ValueError(f"--mode={mode}: expected 'sft' or 'pretrain'")
 
 def make_batch(examples, pad_id):
@@ -122,14 +100,14 @@ def lm_loss(model, x, y):
 # ----------------------------------------------------------------------------- config -> data -> model -> loop -> save
 
 def main(cfg: Config) -> dict:
-    check_config(cfg)
-    prepare_run_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
-    set_seed(cfg.seed)
-    device, dtype, ctx = setup_device(cfg.device, cfg.dtype, cfg.compile)
+    rank, world_size, device = setup_distributed(cfg.device)
+    master = rank == 0  # rank 0 alone prints, logs and saves
+    set_seed(cfg.seed + rank)  # dropout differs per process; the weights are rank 0's (DDP copies them at wrapping)
+    device, dtype, ctx = setup_device(device, cfg.dtype, cfg.compile)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
 
     # -- model: from scratch, from GPT-2, or from an earlier stage's checkpoint
-    resume_ckpt = resume_checkpoint(cfg.out_dir, ("data_rng", "best_val_loss")) if cfg.resume else None
+    resume_ckpt = load_checkpoint(ckpt_path, "policy") if cfg.resume else None
     if resume_ckpt is not None:
         model, tokenizer_name = GPT.from_checkpoint(resume_ckpt, ckpt_path), resume_ckpt["tokenizer"]
     elif cfg.init == "scratch":
@@ -141,20 +119,23 @@ def main(cfg: Config) -> dict:
         tokenizer_name = init_ckpt["tokenizer"]
     tokenizer = get_tokenizer(tokenizer_name)
     model.to(device).train()
-    print(f"model: {model.num_params():,} parameters | tokenizer {tokenizer_name} | context {model.config.block_size}")
+    if master:
+        print(f"model: {model.num_params():,} parameters | tokenizer {tokenizer_name} | context {model.config.block_size}")
 
     # -- data
     val_path = cfg.val_data or val_path_for(cfg.data)
     train = load_examples(cfg.data, cfg.mode, tokenizer, model.config.block_size)
     val = load_examples(val_path, cfg.mode, tokenizer, model.config.block_size) if os.path.exists(val_path) else []
-    if not val:
-        print(f"no val file {val_path}: no validation, the last model is kept")
-    print(f"data: {len(train):,} train / {len(val):,} val examples ({cfg.mode}) from {cfg.data}")
+    if master:
+        print(f"data: {len(train):,} train / {len(val):,} val examples ({cfg.mode}) from {cfg.data}")
     # Data order comes from one seeded generator whose state is checkpointed, so --resume replays the same batches.
+    # It is the same on every process: each draws the global micro-batch and keeps its own slice of it, so no two
+    # processes share a row and N processes of batch b read exactly the rows one process of batch N * b reads.
     data_rng = torch.Generator().manual_seed(cfg.seed)
 
     def get_batch(examples, generator):
-        idx = torch.randint(len(examples), (cfg.batch_size,), generator=generator)
+        idx = torch.randint(len(examples), (world_size * cfg.batch_size,), generator=generator)
+        idx = idx[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]  # this process's slice
         x, y = make_batch([examples[i] for i in idx], tokenizer.eot_token)
         return x.to(device), y.to(device)
 
@@ -165,9 +146,10 @@ def main(cfg: Config) -> dict:
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         data_rng.set_state(resume_ckpt["data_rng"])
         step, best_val_loss = resume_ckpt["step"], resume_ckpt["best_val_loss"]
-        print(f"resumed from {ckpt_path} at step {step}" + (" (--max_steps reached: nothing to do)"
-                                                             if step >= cfg.max_steps else ""))
+        if master:
+            print(f"resumed from {ckpt_path} at step {step}")
     train_model = torch.compile(model) if cfg.compile else model  # compile wraps the training forward only
+    train_model = wrap_ddp(train_model, device)  # several processes: gradients averaged over them in backward
 
     @torch.no_grad()
     def estimate_val_loss():
@@ -175,9 +157,11 @@ def main(cfg: Config) -> dict:
         eval_rng = torch.Generator().manual_seed(cfg.seed + 1)  # the same val batches at every eval
         losses = []
         for _ in range(cfg.eval_batches):
-            x, y = get_batch(val, eval_rng)
-            with ctx:
-                losses.append(lm_loss(model, x, y).item())  # sync point: eval only
+            x, y = get_batch(val, eval_rng)  # this process's slice of the global batch
+            n_targets = (y != -1).sum()
+            with ctx:  # the batch's mean over all processes' targets: sum of (mean x count), over sum of counts
+                total = all_reduce_sum(torch.stack([lm_loss(model, x, y).float() * n_targets, n_targets.float()]))
+            losses.append((total[0] / total[1]).item())  # sync point: eval only
         model.train()
         return sum(losses) / len(losses)
 
@@ -189,43 +173,50 @@ def main(cfg: Config) -> dict:
 
     # -- the training loop
     train_loss = float("nan")
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.mode, dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=cfg.mode, dynamic_ncols=True, disable=not master)
     while step < cfg.max_steps:
         t0 = time.time()
         lr = get_lr(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        n_tokens = 0
-        for _ in range(cfg.grad_accum):
-            x, y = get_batch(train, data_rng)
+        # The step's loss is the mean over every target token of the global batch (all micro-batches of all
+        # processes), as nanochat's SFT normalises it, so it does not depend on how the batch is split: each
+        # micro-batch's mean is weighted by its share of the step's targets, times world_size because DDP averages
+        # the processes' gradients. One all-reduce of the target count per step, before any backward.
+        micro_batches = [get_batch(train, data_rng) for _ in range(cfg.grad_accum)]
+        n_targets = all_reduce_sum(sum((y != -1).sum() for _, y in micro_batches))
+        step_loss = 0.0
+        for micro_step, (x, y) in enumerate(micro_batches):
+            if world_size > 1:  # share gradients once per step, in the last micro-step's backward (nanoGPT)
+                train_model.require_backward_grad_sync = micro_step == cfg.grad_accum - 1
             with ctx:
-                loss = lm_loss(train_model, x, y) / cfg.grad_accum
+                loss = lm_loss(train_model, x, y) * ((y != -1).sum() * world_size / n_targets)
             loss.backward()
-            n_tokens += (y != -1).sum()
+            step_loss += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
 
-        train_loss = loss.item() * cfg.grad_accum  # sync point: one per step, for the log
+        train_loss = all_reduce_sum(step_loss).item() / world_size  # sync point: once per step; the global mean
         dt = time.time() - t0
         record = {"step": step, "train/loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                  "tokens_per_s": int(n_tokens) / dt}
+                  "tokens_per_s": int(n_targets) / dt}  # all processes' tokens
         bar.set_postfix_str(f"loss {train_loss:.3f} | lr {lr:.1e} | {dt * 1000:.0f}ms")
-        is_eval = val and (step % cfg.eval_interval == 0 or step == cfg.max_steps)
-        if is_eval:
+        if val and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
             record["val/loss"] = val_loss = estimate_val_loss()
-        check_finite(f"step {step}", record)  # before this step's model can be saved
-        if is_eval:
-            tqdm.write(f"step {step}/{cfg.max_steps} | train loss {train_loss:.3f} | val loss {val_loss:.3f}")
+            if master:
+                tqdm.write(f"step {step}/{cfg.max_steps} | train loss {train_loss:.3f} | val loss {val_loss:.3f}")
             # Keep the best model by validation loss; it carries everything --resume needs.
             if val_loss < best_val_loss:
                 best_val_loss = val_loss
-                save()
-        log(cfg.out_dir, record)
+                if master:
+                    save()
+        if master:
+            log(cfg.out_dir, record)
     bar.close()
-    if not val and (resume_ckpt is None or step > resume_ckpt["step"]):  # no validation: keep the last model
+    if not val and master:  # no validation file: the last model is the one we keep
         save()
     return {"best_val_loss": best_val_loss, "train_loss": train_loss, "step": step}
 

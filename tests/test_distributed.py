@@ -1,0 +1,135 @@
+"""
+Tests for running the stages as several processes under torchrun (PyTorch DDP, gloo on CPU), as nanoGPT's train.py
+does it: the global batch is N x batch_size, so two processes of batch b follow one process of batch 2b step for step;
+rank 0 alone writes; and the statistics that make PPO what it is (whitening, the KL that sets β) are global.
+The processes are started here with torch.multiprocessing.spawn and the environment torchrun would give them.
+    python -m pytest tests/test_distributed.py -q
+"""
+import json
+import os
+import random
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import common
+import reward
+import sft
+from model import GPT, GPTConfig
+from test_reward import write_preferences
+
+WORDS = ("apple", "river", "stone", "cloud", "tiger", "maple", "ocean", "piano")
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+def _worker(rank, world_size, port, target, args):
+    """One process as torchrun starts it: its RANK and the rendezvous in the environment, one thread."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        target(*args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+def run_processes(target, *args, world_size=2):
+    """target(*args) in world_size processes; an exception in any of them fails the test (it is re-raised here).
+    Forked, not spawned: the children start with torch already imported, in a fraction of a second instead of
+    several seconds each (they run one thread, so the parent's OpenMP pool is never used after the fork)."""
+    mp.start_processes(_worker, args=(world_size, free_port(), target, args), nprocs=world_size, join=True,
+                       start_method="fork")
+
+def read_log(run_dir):
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+def write_stories(path, n, seed):
+    """Pretraining text of uneven length, so packed chunks and padding both occur."""
+    rng = random.Random(seed)
+    common.write_jsonl(str(path), [{"text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) + "."}
+                                   for _ in range(n)])
+    return str(path)
+
+def sft_config(tmp_path, run, **overrides):
+    data = tmp_path / "stories_train.jsonl"
+    if not data.exists():
+        write_stories(data, 120, seed=0)
+        write_stories(tmp_path / "stories_val.jsonl", 24, seed=1)
+    return sft.Config(**{**dict(out_dir=str(tmp_path / run), mode="pretrain", data=str(data), tokenizer="bytes",
+                                n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, max_steps=6, lr=3e-3,
+                                warmup_steps=2, eval_interval=3, eval_batches=2, device="cpu", dtype="float32"),
+                         **overrides})
+
+# ----------------------------------------------------------------------------- SFT / pretraining
+
+def test_pretraining_on_two_processes_of_batch_b_logs_the_losses_of_one_process_of_batch_2b(tmp_path):
+    """DDP averages the two processes' gradients, and each takes its own half of the same global batch, so two
+    processes of batch 4 (x 2 micro-steps) take the steps one process of batch 8 (x 2) takes: every logged train
+    and val loss agrees to float rounding (the sums are split differently), and rank 0 alone wrote the log. Were the
+    processes' rows to overlap, or their gradients not averaged, the losses would part after the first step."""
+    one = sft_config(tmp_path, "one", batch_size=8, grad_accum=2)
+    sft.main(one)
+    two = sft_config(tmp_path, "two", batch_size=4, grad_accum=2)
+    run_processes(sft.main, two)
+    expected, got = read_log(one.out_dir), read_log(two.out_dir)
+    assert [r["step"] for r in got] == [r["step"] for r in expected] == list(range(1, 7))  # one writer: no repeats
+    for a, b in zip(expected, got):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], abs=1e-5)  # fp32, sums in another order
+        assert b.get("val/loss", 0) == pytest.approx(a.get("val/loss", 0), abs=1e-5)
+    assert abs(expected[-1]["train/loss"] - expected[0]["train/loss"]) > 1e-2  # it trained: the comparison has teeth
+
+# ----------------------------------------------------------------------------- the reward model
+
+def rm_config(folder, run, **overrides):
+    """reward.Config on the easy preferences of test_reward (half pairs, half K = 3 rankings) and a random tiny SFT."""
+    if not (folder / "sft" / "ckpt.pt").exists():
+        write_preferences(folder / "prefs_train.jsonl", 60, seed=0)
+        write_preferences(folder / "prefs_val.jsonl", 10, seed=1)
+        common.write_jsonl(str(folder / "sft_train.jsonl"), [{"prompt": f"Tell me about the {a}.\n",
+                                                              "response": f"The {a} is here."} for a in WORDS])
+        torch.manual_seed(0)
+        policy = GPT(GPTConfig(block_size=64, vocab_size=257, n_layer=2, n_head=2, n_embd=32))
+        common.save_checkpoint(str(folder / "sft" / "ckpt.pt"), {
+            "kind": "policy", "model_config": policy.config.__dict__, "model": policy.state_dict(),
+            "tokenizer": "bytes", "step": 0, "config": {}})
+    return reward.Config(**{**dict(out_dir=str(folder / run), init=str(folder / "sft"),
+                                   data=str(folder / "prefs_train.jsonl"), sft_data=str(folder / "sft_train.jsonl"),
+                                   n_normalize=8, n_agreement=0, batch_size=8, group_by_length=2, lr=3e-3,
+                                   warmup_steps=2, eval_interval=4, device="cpu", dtype="float32"), **overrides})
+
+def test_reward_model_on_two_processes_of_batch_b_steps_as_one_process_of_batch_2b(tmp_path):
+    """InstructGPT eq. (1) averaged over a global batch of rankings, split over two processes: every step's loss,
+    accuracy and (sharded) val accuracy match one process of twice the batch. 60 rankings in batches of 8 leave a
+    last batch of 4, split 2 + 2."""
+    one = rm_config(tmp_path, "one", batch_size=8)
+    reward.main(one)
+    two = rm_config(tmp_path, "two", batch_size=4)
+    run_processes(reward.main, two)
+    expected, got = read_log(one.out_dir), read_log(two.out_dir)
+    assert len(got) == len(expected) == 9  # 8 steps and the final record, written once
+    for a, b in zip(expected[:-1], got[:-1]):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], abs=1e-5)  # fp32, sums in another order
+        assert b["train/accuracy"] == a["train/accuracy"] and b.get("val/accuracy") == a.get("val/accuracy")
+    assert expected[-2]["train/loss"] < expected[0]["train/loss"] - 0.1  # it learned: the comparison has teeth
+
+# ----------------------------------------------------------------------------- errors
+
+def test_rank_set_without_the_rest_of_torchrun_s_environment_is_a_one_line_error(tmp_path, monkeypatch):
+    """RANK by hand (or a launcher that sets only part of torchrun's variables) has no process group to join:
+    every stage stops at once with one line that names what is missing and how to start several processes."""
+    monkeypatch.setenv("RANK", "1")
+    for name in ("WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for main, cfg in ((sft.main, sft_config(tmp_path, "base")), (reward.main, rm_config(tmp_path, "rm"))):
+        with pytest.raises(ValueError) as excinfo:
+            main(cfg)
+        message = str(excinfo.value)
+        assert "\n" not in message and "WORLD_SIZE" in message and "torchrun" in message
+        assert not dist.is_initialized() and not os.path.exists(cfg.out_dir)  # nothing started, nothing written
