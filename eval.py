@@ -9,6 +9,7 @@ Writes DIR/eval.json; ppo.py calls evaluate() at its evaluations, and --report g
 The report's other rows: the base model zero-shot and few-shot (--few_shot=K demonstrations before each prompt, as
 InstructGPT prompts GPT-3 in its "GPT-3 prompted" baseline), and best-of-N sampling from SFT ranked by the RM.
 """
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -72,17 +73,47 @@ def sample_and_score(model, reward_model, tokenizer, prompts, cfg, ctx, prefix="
         return texts, score(reward_model, *encode_for_scoring(
             tokenizer, prompts, texts, reward_model.config.block_size, device)).float().cpu(), None
 
+def sft_side_cached(sft_policy, reward_model, tokenizer, prompts, cfg, ctx, sft_source, reward_source):
+    """The SFT model's side of an evaluation, (texts, RM scores (N,)), read from a cache file beside the SFT checkpoint
+    when one was written for the same two checkpoint files, prompts and sampling settings: PPO's evaluations and
+    each report row all compare with the very same SFT samples, so run.sh generates them once. The key holds each
+    checkpoint's size and modification time, so retraining a model invalidates it; a change to the sampler's code
+    does not (delete the cache files then). GPT-2 weights by name have no file to key on and are not cached."""
+    files = [s if os.path.isfile(s) else os.path.join(s, "ckpt.pt") for s in (sft_source, reward_source)]
+    if not all(os.path.isfile(f) for f in files):
+        return sample_and_score(sft_policy, reward_model, tokenizer, prompts, cfg, ctx)[:2]
+    device = next(sft_policy.parameters()).device
+    key = [[os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files] + [
+        prompts, cfg.seed, cfg.max_new_tokens, cfg.temperature, str(device), cfg.dtype]
+    digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
+    path = os.path.join(os.path.dirname(files[0]), f"eval_sft_{digest}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            cached = json.load(f)
+        return cached["texts"], torch.tensor(cached["rm_scores"])  # float32, as computed: the same numbers
+    texts, rm_scores, _ = sample_and_score(sft_policy, reward_model, tokenizer, prompts, cfg, ctx)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"texts": texts, "rm_scores": rm_scores.tolist()}, f)
+    os.replace(path + ".tmp", path)  # atomic: a reader never sees half a file
+    return texts, rm_scores
+
 @torch.no_grad()
 def evaluate(policy, sft_policy, reward_model, tokenizer, prompts, labeler, cfg, ctx, prefix="", best_of=1,
              sft_side=None):
     """Generate from π and from the SFT model with the same settings and seed, and compare them: by the RM, by the
     labeler (the gold judge, built-in task only), and by KL. Returns eval.json's dict and the sample texts.
-    The SFT model's side never changes within a run: pass sft_side = sample_and_score(sft_policy, ...)[:2], computed
-    once, to skip regenerating it. π may be prompted with a few-shot `prefix`, or be best-of-`best_of` sampling;
-    KL is then not estimated (null), since π's own log-probs are not those of the text it returned."""
-    ppo_texts, ppo_scores, out = sample_and_score(policy, reward_model, tokenizer, prompts, cfg, ctx, prefix, best_of)
+    The SFT model's side never changes within a run: pass sft_side (from sft_side_cached, or sample_and_score's
+    first two results), computed once, to skip regenerating it. π may be prompted with a few-shot `prefix`, or be
+    best-of-`best_of` sampling; KL is then not estimated (null), since π's own log-probs are not those of the text
+    it returned. When π is the SFT model itself, its samples are the SFT side's and KL is 0."""
     sft_texts, sft_scores = sft_side or sample_and_score(sft_policy, reward_model, tokenizer, prompts, cfg, ctx)[:2]
     result = {"n_prompts": len(prompts), "kl_ppo_sft": None}
+    if policy is sft_policy and not prefix and best_of == 1:  # the SFT row: the same seed draws the same samples
+        ppo_texts, ppo_scores, out = sft_texts, sft_scores, None
+        result["kl_ppo_sft"] = 0.0
+    else:  # each side draws from its own generator, so the order of the two calls changes nothing
+        ppo_texts, ppo_scores, out = sample_and_score(policy, reward_model, tokenizer, prompts, cfg, ctx, prefix,
+                                                      best_of)
     if out is not None:  # KL(π || π_sft) on π's samples, per sequence
         with ctx:
             logprobs = [response_logprobs(m, out.tokens, out.attention_mask, out.prompt_len, cfg.temperature)[0]
@@ -184,7 +215,8 @@ def main(cfg: Config) -> dict:
     device, dtype, ctx = setup_device(cfg.device, cfg.dtype)
     os.makedirs(cfg.out_dir, exist_ok=True)
     sft_policy, sft_ckpt = load_model(cfg.sft, kind="policy")
-    policy, _ = load_model(cfg.policy or cfg.sft, kind="policy")
+    is_sft = not cfg.policy or os.path.normpath(cfg.policy) == os.path.normpath(cfg.sft)
+    policy = sft_policy if is_sft else load_model(cfg.policy, kind="policy")[0]
     reward_model, rm_ckpt = load_model(cfg.reward, kind="reward")
     if rm_ckpt["tokenizer"] != sft_ckpt["tokenizer"]:
         raise ValueError(f"{cfg.reward}: tokenizer {rm_ckpt['tokenizer']} differs from {cfg.sft}'s "
@@ -196,8 +228,9 @@ def main(cfg: Config) -> dict:
     demos = (read_jsonl(os.path.join(os.path.dirname(cfg.prompts), "sft_train.jsonl"), ["prompt", "response"])
              if cfg.few_shot > 0 else [])  # the few-shot examples: the first demonstrations, then a blank line
     prefix = "".join(d["prompt"] + d["response"] + "\n\n" for d in demos[:cfg.few_shot])
+    sft_side = sft_side_cached(sft_policy, reward_model, tokenizer, prompts, cfg, ctx, cfg.sft, cfg.reward)
     result, texts = evaluate(policy, sft_policy, reward_model, tokenizer, prompts, load_labeler(cfg.prompts), cfg,
-                             ctx, prefix=prefix, best_of=cfg.best_of)
+                             ctx, prefix=prefix, best_of=cfg.best_of, sft_side=sft_side)
     save_eval(cfg.out_dir, result, texts, prompts)
     print(json.dumps(result))
     return result

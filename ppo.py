@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from common import (get_tokenizer, load_checkpoint, load_labeler, log, read_jsonl, run, save_checkpoint, set_seed,
                     setup_device, val_path_for)
-from eval import evaluate, sample_and_score, save_eval
+from eval import evaluate, save_eval, sft_side_cached
 from model import GPT, load_model, response_logprobs
 from reward import score
 from sample import generate
@@ -246,8 +246,8 @@ def main(cfg: Config) -> dict:
     if cfg.resume:
         kl_coef, start_iter = resume_run(ckpt_path, policy, value_model, optimizer, rngs)
 
-    # the SFT model's side of every evaluation: the same samples each time, so generated once
-    sft_side = sample_and_score(ref_policy, reward_model, tokenizer, val_prompts, cfg, ctx)[:2]
+    # the SFT model's side of every evaluation: the same samples each time, so generated once (or read from cache)
+    sft_side = sft_side_cached(ref_policy, reward_model, tokenizer, val_prompts, cfg, ctx, cfg.sft, cfg.reward)
 
     def run_eval(iteration):
         policy.eval()

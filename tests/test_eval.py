@@ -6,6 +6,7 @@ reusing the SFT model's samples changes no number. Tiny seeded byte-level models
 """
 import json
 import math
+import os
 
 import torch
 
@@ -45,6 +46,20 @@ def test_reusing_the_sft_side_gives_the_same_numbers(tmp_path):
     sft_side = eval.sample_and_score(sft_policy, reward_model, tokenizer, prompts, cfg, ctx)[:2]
     fresh, reused = eval.evaluate(*args), eval.evaluate(*args, sft_side=sft_side)
     assert fresh == reused and fresh[0]["kl_ppo_sft"] > 0 and fresh[0]["rm_score_ppo"] != fresh[0]["rm_score_sft"]
+
+def test_the_sft_side_is_sampled_once_then_read_from_its_cache_until_the_sft_model_changes(tmp_path, monkeypatch):
+    """Every report row and PPO's evaluations compare with the same SFT samples, so the first evaluation writes them
+    beside the SFT checkpoint and later ones read them back, with the same numbers. A retrained SFT model (a newer
+    checkpoint file) is sampled afresh."""
+    cfg = tiny_config(tmp_path, tmp_path / "out" / "eval_bon", best_of=2)
+    first = eval.main(cfg)
+    assert len(list((tmp_path / "sft").glob("eval_sft_*.json"))) == 1
+    sampled, real = [], eval.sample_and_score
+    monkeypatch.setattr(eval, "sample_and_score", lambda model, *a, **k: sampled.append(model) or real(model, *a, **k))
+    assert eval.main(cfg) == first and len(sampled) == 1  # π's side only
+    ckpt = tmp_path / "sft" / "ckpt.pt"
+    os.utime(ckpt, ns=(ckpt.stat().st_atime_ns, ckpt.stat().st_mtime_ns + 10**9))
+    assert eval.main(cfg) == first and len(sampled) == 3  # both sides: the cache no longer matches
 
 def test_best_of_n_beats_its_own_policy_by_the_reward_model_it_is_ranked_by(tmp_path):
     """Best-of-N (the report's rejection-sampling row): of N samples from SFT keep the one the RM scores highest.
