@@ -86,14 +86,16 @@ def setup_device(device="auto", dtype="auto", compile=False):
     """Decide device and dtype once, print them on one line, and return (device, dtype, autocast ctx)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device_type = device.split(":")[0]  # "cuda:0" is a CUDA device too, and gets its bf16
     if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+        dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"--dtype={dtype}: expected auto, float32 or bfloat16 (there is no fp16 path)")
     # Weights stay fp32; bf16 only enters through autocast, as in nanoGPT.
-    device_type = device.split(":")[0]
     ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=torch.bfloat16)
-    if device.startswith("cuda"):
+    if device_type == "cuda" and dtype == "float32":
+        # TF32 speeds up an fp32 run's matmuls. Not under bf16: there the only fp32 matmuls left are the LM and
+        # scalar heads, kept in fp32 on purpose (model.GPT.lm_logits), and TF32 would round their inputs again.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     print(f"device {device} | dtype {dtype} | compile {compile}")

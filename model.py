@@ -21,6 +21,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from common import download, load_checkpoint
 
@@ -122,6 +123,7 @@ class GPT(nn.Module):
         else:
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
             self.lm_head.weight = self.transformer.wte.weight  # weight tying, as in GPT-2
+        self.grad_checkpoint = False  # set True by a script's --grad_checkpoint (see forward)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2 §2.3: scale residual projections by 1/sqrt(2 * n_layer)
             if name.endswith("c_proj.weight"):
@@ -135,7 +137,7 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, attention_mask=None, cache=None, slots=None, last_only=False):
+    def forward(self, idx, attention_mask=None, cache=None, slots=None, last_only=False, logits_from=0):
         """idx (B, T) token ids -> logits (B, T, V), or scores (B, T) with the scalar head.
 
         attention_mask (B, S) bool, True where the key slot holds a real token (False for left padding). Without
@@ -143,6 +145,8 @@ class GPT(nn.Module):
         Or, for packed rows (no cache), attention_mask (B, T, T) bool: which keys each query sees (see below).
         last_only=True returns only the last position's output (B, 1, ...): a sampler's prefill needs no more, and
         at GPT-2's vocabulary the full (B, T, V) logits of a long prompt batch cost more than the trunk.
+        logits_from=p returns positions p.. only (B, T - p, ...): PPO reads a response's log-probs and values from
+        positions P-1 on, and the LM head over a 500-token prompt would cost ~5x the response's (see lm_logits).
         Position ids are derived from the mask (a token's position = number of real tokens before it), so a
         left-padded prompt gets exactly the positions it would have alone."""
         B, T = idx.shape
@@ -172,26 +176,41 @@ class GPT(nn.Module):
             attn_mask = is_visible[:, None]  # (B, 1, T, S), broadcast over heads
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, attn_mask, cache, layer, slots)
+            if self.grad_checkpoint and self.training and torch.is_grad_enabled() and cache is None:
+                # Activation checkpointing: keep only each block's input and recompute its insides in the backward
+                # pass, ~1/3 more compute for a fraction of the activation memory. Same numbers as without.
+                x = torch.utils.checkpoint.checkpoint(block, x, attn_mask, cache, layer, slots, use_reentrant=False)
+            else:
+                x = block(x, attn_mask, cache, layer, slots)
+        start = T - 1 if last_only else logits_from
         if self.config.scalar_head:
             if cache is not None or last_only:
                 raise ValueError("a scalar-head model scores whole sequences: no KV cache, no last_only")
-            x = self.transformer.ln_f(x)
             # prev(t): the latest key before t that query t sees (its sequence's previous real token), else none
-            earlier = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril(-1)[None]  # (1, T, T)
+            earlier = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril(-1)[None, start:]  # (1, T', T)
             if attn_mask is not None:
-                earlier = earlier & attn_mask[:, 0]  # (B, T, T): padding and other packed sequences hidden
-            prev = torch.where(earlier, torch.arange(T, device=idx.device), -1).amax(-1).expand(B, T)  # (B, T)
-            x_prev = x.gather(1, prev.clamp(min=0)[..., None].expand(B, T, x.shape[-1]))  # (B, T, C)
-            x_prev = x_prev * (prev >= 0)[..., None]  # the first token has no previous one: zeros
-            return self.score_head(torch.cat([x, x_prev], -1)).squeeze(-1)  # (B, T)
-        x = self.transformer.ln_f(x[:, -1:] if last_only else x)
-        if x.device.type == "cpu" and self.config.vocab_size > 4 * LOGITS_CHUNK:
-            # On CPU, one GEMM 50257 outputs wide ran ~1.4x slower than the same GEMM cut into 2048-wide slices of
-            # the vocabulary (torch 2.13, 2 cores, 8 to 1024 rows; README, "Speed"). Same dot products, so the same
-            # logits; at batch 32 the LM head is a third of a GPT-2-small decode step.
-            return torch.cat([F.linear(x, w) for w in self.lm_head.weight.split(LOGITS_CHUNK)], -1)  # (B, T, V)
-        return self.lm_head(x)  # (B, T, V)
+                earlier = earlier & attn_mask[:, 0, start:]  # (B, T', T): padding and other packed sequences hidden
+            prev = torch.where(earlier, torch.arange(T, device=idx.device), -1).amax(-1).expand(B, T - start)
+            with torch.autocast(idx.device.type, enabled=False):  # the score in fp32, as every log-prob (DESIGN)
+                x = self.transformer.ln_f(x.float())  # (B, T, C)
+                x_prev = x.gather(1, prev.clamp(min=0)[..., None].expand(*prev.shape, x.shape[-1]))  # (B, T', C)
+                x_prev = x_prev * (prev >= 0)[..., None]  # the first token has no previous one: zeros
+                return self.score_head(torch.cat([x[:, start:], x_prev], -1)).squeeze(-1)  # (B, T')
+        return self.lm_logits(x[:, start:])  # (B, T', V)
+
+    def lm_logits(self, x):
+        """Final-block states (B, T, C) -> logits (B, T, V), in fp32 even under bf16 autocast: ln_f and the LM head
+        run with autocast off. bf16 keeps 8 bits of mantissa, so a logit near 100 would be rounded by up to 0.25,
+        and every PPO ratio, KL and DPO log-ratio is a difference of log-probs that such rounding drowns (DESIGN,
+        "Precision"). The trunk below may stay bf16: its rounding is relative to far smaller activations."""
+        with torch.autocast(x.device.type, enabled=False):
+            x = self.transformer.ln_f(x.float())
+            if x.device.type == "cpu" and self.config.vocab_size > 4 * LOGITS_CHUNK:
+                # On CPU, one GEMM 50257 outputs wide ran ~1.4x slower than the same GEMM cut into 2048-wide slices
+                # of the vocabulary (torch 2.13, 2 cores, 8 to 1024 rows; README, "Speed"). Same dot products, so
+                # the same logits; at batch 32 the LM head is a third of a GPT-2-small decode step.
+                return torch.cat([F.linear(x, w) for w in self.lm_head.weight.split(LOGITS_CHUNK)], -1)
+            return self.lm_head(x)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
@@ -356,6 +375,18 @@ def load_model(source, kind="policy"):
         return GPT.from_pretrained(source), {"kind": "policy", "tokenizer": "gpt2"}
     ckpt = load_checkpoint(source, kind)
     return GPT.from_checkpoint(ckpt, source), ckpt
+
+def disable_dropout(model):
+    """Set every dropout probability in model to 0 and return it. N+ details (Huang et al. 2024): RLHF uses no
+    dropout in any model, since PPO's ratio and KL compare log-probs of two forwards that must agree; a checkpoint
+    trained with --dropout=0.1 would otherwise bring its dropout into the policy's train() forwards."""
+    model.config.dropout = 0.0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        elif isinstance(module, (CausalSelfAttention, MLP)):
+            module.dropout = 0.0
+    return model
 
 def token_logprobs(logits, tokens):
     """log π(token) under the distribution the logits define: (B, T, V), (B, T) -> (B, T).

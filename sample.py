@@ -56,8 +56,9 @@ class Generation:
         return [tokenizer.decode(strip_eos(r, m, tokenizer.eot_token), errors="replace")
                 for r, m in zip(self.responses, self.response_mask)]
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None, u=None):
     """Draw one token per row: logits (B, V) -> tokens (B,), logprobs (B,). Tensor ops only, no host sync.
+    u (B, 1), if given, holds the uniform draws in [0, 1) (generate's decode step takes them as an input).
     The log-prob is under the distribution actually sampled from: temperature-scaled, top-k/top-p renormalised,
     which is what PPO's recomputed log-probs must match (N+ details: "temperature in rollouts and training").
     temperature=0 is greedy (top_k/top_p are moot) and returns the untempered log-softmax of the argmax."""
@@ -83,7 +84,8 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     # the Gumbel-max trick needs B*V (6x faster on CPU at GPT-2's vocabulary). u < 1 keeps u * total below the
     # last cumsum, and a zero-probability token adds no width to the CDF, so it is never the first to exceed it.
     cdf = logprobs.exp().cumsum(-1)  # (B, V)
-    u = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=generator)  # (B, 1)
+    if u is None:
+        u = torch.rand(cdf.shape[0], 1, device=cdf.device, generator=generator)  # (B, 1)
     tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)  # (B,)
     token_logprobs = logprobs.gather(1, tokens[:, None]).squeeze(1)  # (B,)
     if top_k is not None or top_p is not None:
@@ -133,13 +135,66 @@ def prefill(model, prompt_tokens, prompt_mask, prompt_lengths, cache, dtype, min
         logits[rows_on_device] = group_logits
     return logits
 
+CACHE_BUCKET = 64  # generate() sizes its cache to P + N rounded up to a multiple of this (see decode_step)
+
+def sample_into(logits, tokens, attention_mask, logprobs, is_finished, step, u, P, sampling, eos_id, pad_id):
+    """Sample token number `step` of every response from logits (B, V) and write it in place: tokens and
+    attention_mask (B, S) at column P + step, logprobs (B, N) at column step; then advance step (1,) by one.
+    step and P are (1,) long tensors on the device.
+    A row that emitted eos_id earlier gets padding (pad_id, masked out, log-prob 0). Tensor ops only: the step index
+    is a device tensor, so nothing here depends on a host value that changes from one step to the next."""
+    next_tokens, next_logprobs = sample_next(logits, *sampling, u=u)  # (B,), (B,)
+    is_real = ~is_finished  # decided before this token, so the end-of-text itself is real
+    column = step + P  # (1,)
+    tokens.index_copy_(1, column, torch.where(is_real, next_tokens, pad_id)[:, None])
+    logprobs.index_copy_(1, step, torch.where(is_real, next_logprobs, 0.0)[:, None])
+    attention_mask.index_copy_(1, column, is_real[:, None])
+    if eos_id is not None:
+        is_finished |= next_tokens == eos_id
+    step += 1
+
+def decode_step(model, cache, tokens, attention_mask, logprobs, is_finished, step, u, P, sampling, eos_id, pad_id):
+    """One decode step for the whole batch: feed the token sampled last (column and cache slot P + step - 1) through
+    the model, then sample the next one into column P + step (sample_into). Every tensor keeps its shape and its
+    storage for a whole generate() call and the step index lives on the device, so this function can be compiled
+    as one graph (torch.compile(decode_step, fullgraph=True)) and captured once, then replayed (CUDA graphs). The
+    cache has S = P + N rounded up to CACHE_BUCKET slots, so calls of similar lengths share the compiled shapes;
+    slots past P + step are masked out and hold nothing yet."""
+    slot = step + (P - 1)  # (1,)
+    logits = model(tokens.index_select(1, slot), attention_mask=attention_mask, cache=cache, slots=slot)[:, -1]
+    sample_into(logits, tokens, attention_mask, logprobs, is_finished, step, u, P, sampling, eos_id, pad_id)
+
+def capture_cuda_graph(run_step, state):
+    """Record run_step() once into a CUDA graph and return the graph's replay: one launch per token instead of a few
+    hundred small kernels (GPT-2 small's decode is launch-bound). run_step must be run a few times before capture
+    (cuBLAS set-up, autocast's cast weights, the allocator), on a side stream as PyTorch's CUDA-graph notes say; those
+    warm-up steps write into the state, so it is restored afterwards. They also write cache slots P and P + 1, but
+    slot P with exactly what the real step writes, and slot P + 1 is overwritten before any query can see it.
+    Not yet measured on a GPU: no CUDA device was available when this was written (docs/gpu.md)."""
+    saved = [t.clone() for t in state]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run_step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run_step()
+    for t, s in zip(state, saved):
+        t.copy_(s)
+    return graph.replay
+
 @torch.no_grad()  # not inference_mode: PPO feeds these tensors to forwards that do need grad
 def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, eos_id=None,
-             generator=None, on_token=None):
+             generator=None, on_token=None, compile_step=False, cuda_graph=False):
     """Sample max_new_tokens after each prompt (a list of token-id lists, ragged) and return a Generation.
     A row that emits eos_id is finished: its later tokens are padding (pad id = eos_id) and masked out.
     generator must live on the model's device. on_token(tokens (B,), is_real (B,)), if given, is called after
-    every step (chat mode streams with it). Runs under the caller's autocast, if any."""
+    every step (chat mode streams with it). Runs under the caller's autocast, if any.
+    compile_step=True runs decode_step through torch.compile(fullgraph=True); cuda_graph=True (CUDA only) captures
+    the step once for this call's batch and cache size and replays it for every token. Both give the eager step's
+    tokens and log-probs (tested on CPU for compile); the eager step is the reference."""
     B, N, block_size = len(prompts), max_new_tokens, model.config.block_size
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
@@ -151,40 +206,48 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top
         raise ValueError(f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
     P = max(map(len, prompts))
     device = next(model.parameters()).device
+    if cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs the model on a CUDA device, not {device}")
     pad_id = eos_id if eos_id is not None else 0
-    tokens, attention_mask = (t.to(device) for t in left_pad(prompts, P + N, pad_id))  # (B, P+N) each
+    S = min(block_size, -(-(P + N) // CACHE_BUCKET) * CACHE_BUCKET)  # cache slots: P + N rounded up to a bucket
+    tokens, attention_mask = (t.to(device) for t in left_pad(prompts, S, pad_id))  # (B, S) each
     logprobs = torch.zeros(B, N, device=device)  # (B, N) float32
     # One cache for the whole call, static shapes. It stores keys/values in the dtype attention computes in:
     # autocast's when the caller enabled it, else the weights'.
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
         else next(model.parameters()).dtype
-    cache = KVCache(model.config, B, P + N, device, dtype)
-    slots = torch.arange(P + N, device=device)  # (P+N,) slot s of the cache holds token s
+    cache = KVCache(model.config, B, S, device, dtype)
     is_finished = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
+    step = torch.zeros(1, dtype=torch.long, device=device)  # (1,) the step index, advanced on the device
+    u = torch.zeros(B, 1, device=device)  # (B, 1) each step's uniform draws, written before the step reads them
+    state = (tokens, attention_mask, logprobs, is_finished, step, u)
+    sampling = (temperature, top_k, top_p)
+    step_fn = torch.compile(decode_step, fullgraph=True) if compile_step else decode_step
+    # P as a device tensor too, so that a compiled step serves prompts of any length (a Python int is a constant)
+    prompt_len = torch.full((1,), P, device=device)
+    run_step = lambda: step_fn(model, cache, *state, prompt_len, sampling, eos_id, pad_id)  # noqa: E731
     was_training = model.training
     model.eval()
     try:
         prompt_lengths = torch.tensor([len(prompt) for prompt in prompts])  # (B,) on the host
         logits = prefill(model, tokens[:, :P], attention_mask[:, :P], prompt_lengths, cache, dtype)  # (B, V)
         for t in range(N):
-            next_tokens, next_logprobs = sample_next(logits, temperature, top_k, top_p, generator)  # (B,), (B,)
-            is_real = ~is_finished  # decided before this token, so the end-of-text itself is real
-            tokens[:, P + t] = torch.where(is_real, next_tokens, pad_id)
-            logprobs[:, t] = torch.where(is_real, next_logprobs, 0.0)
-            attention_mask[:, P + t] = is_real
-            if eos_id is not None:
-                is_finished = is_finished | (next_tokens == eos_id)
+            if temperature > 0:  # drawn outside the step, from the caller's generator, in the step's fixed buffer
+                torch.rand(B, 1, device=device, generator=generator, out=u)
+            if t == 0:  # the first token comes from the prefill's logits
+                sample_into(logits, *state, prompt_len, sampling, eos_id, pad_id)
+                if cuda_graph and N > 1:
+                    run_step = capture_cuda_graph(run_step, state)
+            else:  # decode: the token just sampled goes into cache slot P+t-1; finished rows feed padding, masked
+                run_step()
             if on_token is not None:
-                on_token(tokens[:, P + t], is_real)
+                on_token(tokens[:, P + t], attention_mask[:, P + t])
             # sync point: every 16 steps we ask the host whether all rows are done, rather than every token.
-            if t == N - 1 or (eos_id is not None and t % 16 == 15 and bool(is_finished.all())):
+            if eos_id is not None and t % 16 == 15 and bool(is_finished.all()):
                 break  # the remaining columns already hold padding with a False mask
-            # Decode: feed the token just sampled into cache slot P+t; finished rows feed padding, masked out.
-            logits = model(tokens[:, P + t:P + t + 1], attention_mask=attention_mask, cache=cache,
-                           slots=slots[P + t:P + t + 1])[:, -1]  # (B, V)
     finally:
         model.train(was_training)
-    return Generation(tokens, attention_mask, attention_mask[:, P:], logprobs, P)
+    return Generation(tokens[:, :P + N], attention_mask[:, :P + N], attention_mask[:, P:P + N], logprobs, P)
 
 @torch.no_grad()
 def best_of_n(policy, reward_model, prompts, n, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None,
