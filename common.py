@@ -4,8 +4,11 @@ config overrides, device/dtype, several processes (torchrun), seeding, tokenizer
 logging, the lr schedule.
 """
 import ast
+import atexit
 import dataclasses
 import difflib
+import errno
+import glob
 import gzip
 import importlib.util
 import inspect
@@ -16,7 +19,7 @@ import sys
 import types
 import typing
 import urllib.request
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import tiktoken
 import torch
@@ -50,14 +53,34 @@ def parse_config(config_cls, argv=None):
 
 def run(main, config_cls):
     """Entry point of every script: parse --key=value into config_cls, run main, and report bad input (a ValueError
-    or a missing file, whose messages name the file/line/field) as one line on stderr, not a traceback."""
+    whose message names the file/line/key), a run gone non-finite (FloatingPointError) or a failed read or write
+    (an OSError: missing file, disk full, permission denied) as one line on stderr, not a traceback."""
     try:
         main(parse_config(config_cls))
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # the OS's words, lower-cased, after the path: "out/x/ckpt.pt: no space left on device"
+        sys.exit(f"error: {e.filename}: {e.strerror[:1].lower()}{e.strerror[1:]}" if e.filename and e.strerror
+                 else f"error: {e}")
     finally:
         if dist.is_initialized():  # under torchrun: leave the process group cleanly (nanoGPT does the same)
             dist.destroy_process_group()
+
+def check_range(cfg, keys, low, *, strict=False, high=None):
+    """Range-check settings up front (each script's check_config): every key's value must be >= low (> low if
+    strict) and <= high if given; None means "off" and passes. The first that fails raises a ValueError naming it."""
+    for key in keys:
+        value = getattr(cfg, key)
+        if value is not None and (value < low or (strict and value == low) or (high is not None and value > high)):
+            bound = f"{'>' if strict else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+            raise ValueError(f"--{key}={value}: must be {bound}")
+
+def check_finite(where, record):
+    """Stop a run whose logged numbers (loss, KL, scores) went nan or inf, at the sync point that computed them and
+    before anything trained on them is saved: a non-finite model is worse than none."""
+    for key, value in record.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise FloatingPointError(f"{where}: {key} is {value}; stopped before saving it (try a lower --lr)")
 
 def _coerce(key, text, hint):
     # Optional[X] is Union[X, None]: parse as X unless the value is None.
@@ -76,6 +99,8 @@ def _coerce(key, text, hint):
         raise ValueError(f"--{key}={text}: expected {getattr(target, '__name__', target)}") from None
     if target is float and type(value) is int:
         value = float(value)
+    if target is float and type(value) is float and not math.isfinite(value):
+        raise ValueError(f"--{key}={text}: expected a finite number")
     if type(value) is not target:
         raise ValueError(f"--{key}={text}: expected {target.__name__}, got {type(value).__name__}")
     return value
@@ -169,43 +194,94 @@ def get_tokenizer(name):
 
 def read_jsonl(path, fields=(), with_lineno=False):
     """Read a JSON-lines file (gzip too, by its .gz name); every row must be an object holding `fields` as strings.
-    Errors name the place: `data/x.jsonl:17: field 'chosen' missing`. with_lineno=True gives (line, row) pairs,
-    so callers that check more fields can name the line too (blank lines are skipped, so rows and lines differ)."""
+    Errors name the place: `data/x.jsonl:17: field 'chosen' missing`, `data/x.jsonl:3: not valid UTF-8`, and a file
+    with no rows is an error too. with_lineno=True gives (line, row) pairs, so callers that check more fields can
+    name the line too (blank lines are skipped, so rows and lines differ)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file")
     rows = []
-    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object")
-            for field in fields:
-                if field not in row:
-                    raise ValueError(f"{path}:{lineno}: field {field!r} missing")
-                if not isinstance(row[field], str):
-                    raise ValueError(f"{path}:{lineno}: field {field!r} must be a string")
-            rows.append((lineno, row) if with_lineno else row)
+    try:  # bytes, decoded line by line, so a bad byte is reported with its line rather than as a bare codec error
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            lines = list(f)
+    except (EOFError, gzip.BadGzipFile) as e:
+        raise ValueError(f"{path}: not a complete gzip file ({e})") from None
+    for lineno, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"{path}:{lineno}: not valid UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object")
+        for field in fields:
+            if field not in row:
+                raise ValueError(f"{path}:{lineno}: field {field!r} missing")
+            if not isinstance(row[field], str):
+                raise ValueError(f"{path}:{lineno}: field {field!r} must be a string")
+        rows.append((lineno, row) if with_lineno else row)
+    if not rows:
+        raise ValueError(f"{path}: no rows (the file is empty)")
     return rows
 
 def val_path_for(train_path):
     """The val file beside a train file: data/x/prefs_train.jsonl -> data/x/prefs_val.jsonl. Only the file name
-    changes, so a folder whose name holds "_train" is left alone."""
+    changes, so a folder whose name holds "_train" is left alone. A name without "_train" has no val file to find,
+    and training on a file while validating on itself would hide over-fitting, so that is an error."""
     folder, name = os.path.split(train_path)
+    if "_train" not in name:
+        raise ValueError(f"{train_path}: the name has no '_train', so there is no val file beside it to find; "
+                         f"pass the validation file with --val_data (--val_prompts for ppo)")
     return os.path.join(folder, name.replace("_train", "_val"))
+
+@contextmanager
+def atomic_write(path, mode="w"):
+    """Open a temp file beside `path` for writing, and rename it over `path` only once it is completely written,
+    so a crash or a full disk mid-write leaves the old file (or none) but never a truncated one. Temp files that
+    dead processes left behind (killed mid-write) are removed first. A full disk or a refused write is re-raised
+    naming `path` itself, which common.run prints as one line."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    for stale in glob.glob(glob.escape(path) + ".tmp*"):
+        pid = stale[len(path) + 4:]
+        if pid.isdigit() and not is_alive(int(pid)):
+            os.remove(stale)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+        os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+            raise OSError(e.errno, os.strerror(e.errno), path) from None
+        raise
+    finally:  # a failed write leaves neither a half-written file nor its temp file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+def is_alive(pid):
+    """Whether process `pid` is running (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but someone else's
+        return True
+    return True
 
 def write_jsonl(path, rows):
     """Write rows as JSON lines (raw UTF-8), atomically."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+
+def write_json(path, obj, indent=2):
+    """Write one JSON document (eval.json, samples.json), atomically."""
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=indent, ensure_ascii=False)
 
 def download(url, path):
     """Fetch `url` to `path` with the standard library. Bytes go to `path.part` and are renamed only when the
@@ -231,17 +307,16 @@ def download(url, path):
 CKPT_KINDS = ("policy", "reward", "value")
 
 def save_checkpoint(path, ckpt):
-    """Save a dict of tensors and plain values, atomically: write a temp file, then rename over the old one,
-    so a crash mid-write leaves the previous checkpoint intact."""
+    """Save a dict of tensors and plain values, atomically (atomic_write): a crash mid-write leaves the previous
+    checkpoint intact. Weights holding nan or inf are refused, so a diverged run never replaces a good model.
+    torch.save writes through a Python file, so a full disk is an OSError naming the file, not a C++ assert."""
     assert ckpt.get("kind") in CKPT_KINDS, f"checkpoint kind must be one of {CKPT_KINDS}"
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    finally:  # a failed write leaves neither a half-written checkpoint nor its temp file behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    for name, state in ckpt.items():
+        if isinstance(state, dict) and not all(torch.isfinite(t).all() for t in state.values()
+                                               if torch.is_tensor(t) and t.is_floating_point()):
+            raise FloatingPointError(f"{path}: {name} weights hold nan or inf; not saved (try a lower --lr)")
+    with atomic_write(path, "wb") as f:
+        torch.save(ckpt, f)
 
 def load_checkpoint(path, kind=None):
     """Load a checkpoint written by save_checkpoint (a run folder works too), checking its kind if given."""
@@ -264,6 +339,71 @@ def log(run_dir, record):
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "log.jsonl"), "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
+
+# ----------------------------------------------------------------------------- run folders: never lose a run
+
+def prepare_run_dir(out_dir, resume=False, overwrite=False):
+    """Called at the top of every training stage's main. A folder holding a checkpoint is only reused with --resume
+    (continue it) or --overwrite (replace it; its old log.jsonl is cleared so two runs' lines never mix), and a folder
+    a live run is writing to is refused: out_dir/run.lock holds the owner's pid, is taken over when that process is
+    gone, and is removed when this one exits. Under torchrun only rank 0 writes, so only it takes the lock."""
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite: give one (continue the run in out_dir, or replace it)")
+    if os.path.exists(ckpt_path) and not (resume or overwrite):
+        raise ValueError(f"{ckpt_path}: a run is saved here; pass --resume to continue it, --overwrite to replace "
+                         f"it, or another --out_dir")
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    lock, mine = os.path.join(out_dir, "run.lock"), os.getpid()
+    with atomic_write(f"{lock}.{mine}") as f:  # written whole first, so a reader never sees an empty lock
+        f.write(str(mine))
+    try:
+        while True:
+            try:
+                os.link(f"{lock}.{mine}", lock)  # atomic: fails if the lock exists
+                atexit.register(lambda: read_pid(lock) == mine and os.remove(lock))
+                break
+            except FileExistsError:
+                owner = read_pid(lock)
+                if owner == mine:  # this process took it already (main called twice, as tests do)
+                    break
+                if owner is not None and is_alive(owner):
+                    raise ValueError(f"{out_dir}: in use by a live run (pid {owner}, see {lock}); wait for it to "
+                                     f"finish or pick another --out_dir") from None
+                print(f"{lock}: taking over the lock of pid {owner}, which is no longer running")
+                if read_pid(lock) == owner:  # still the stale one, not a lock another process just took
+                    os.remove(lock)
+    finally:
+        os.remove(f"{lock}.{mine}")
+    if overwrite and os.path.exists(os.path.join(out_dir, "log.jsonl")):
+        os.remove(os.path.join(out_dir, "log.jsonl"))
+
+def read_pid(lock):
+    """The pid in a lock file, or None if it is gone or unreadable."""
+    try:
+        with open(lock) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
+
+def resume_checkpoint(out_dir, needs):
+    """The checkpoint --resume continues from, checked to hold what this stage saves (`needs`: sft's 'data_rng', a
+    PPO run's 'value_model'), so another stage's checkpoint is a one-line error. Log lines after its step are cut
+    (a run killed after logging step 12 but saving at 10 replays 11 and 12; they must not be logged twice)."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(path, "policy")
+    missing = [key for key in needs if key not in ckpt]
+    if missing:
+        raise ValueError(f"{path}: this checkpoint has no {missing[0]!r}, so another stage wrote it; it cannot be "
+                         f"resumed here")
+    log_path = os.path.join(out_dir, "log.jsonl")
+    if os.path.exists(log_path) and int(os.environ.get("RANK", 0)) == 0:
+        with open(log_path, encoding="utf-8") as f:
+            lines = [line for line in f if line.endswith("\n")]  # a line cut by the kill is dropped too
+        write_jsonl(log_path, [r for r in map(json.loads, lines) if r.get("step", 0) <= ckpt["step"]])
+    return ckpt
 
 def get_lr(step, max_lr, warmup_steps, total_steps, min_lr_ratio=0.1):
     """Linear warmup, then cosine decay to min_lr_ratio * max_lr (nanoGPT's schedule)."""

@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from common import get_lr, get_tokenizer, log, run, save_checkpoint, set_seed, setup_device, val_path_for
+from common import (check_finite, check_range, get_lr, get_tokenizer, log, prepare_run_dir, run, save_checkpoint,
+                    set_seed, setup_device, val_path_for)
 from model import load_model, token_logprobs
 from reward import length_grouped_batches, load_rankings, ranking_pairs_loss
 from sft import encode_example, make_batch
@@ -46,6 +47,17 @@ class Config:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
+    overwrite: bool = False           # replace the run in out_dir (without it, a saved one is refused)
+
+def check_config(cfg):
+    """Every setting's range and every input file, checked before anything runs: one place, so new keys go here."""
+    check_range(cfg, ("batch_size", "epochs", "eval_interval", "n_val"), 1)
+    check_range(cfg, ("group_by_length", "warmup_steps", "weight_decay", "grad_clip"), 0)
+    # β divides the reward in DPO's optimal policy
+    check_range(cfg, ("beta", "lr"), 0, strict=True)
+    for path in (cfg.data, cfg.val_data or val_path_for(cfg.data)):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such file")
 
 # ----------------------------------------------------------------------------- the math (tests import these)
 
@@ -81,10 +93,10 @@ def dpo_loss(policy, ref_policy, tokenizer, batch, beta, block_size, device):
 # ----------------------------------------------------------------------------- config -> data -> model -> loop -> save
 
 def main(cfg: Config) -> dict:
+    check_config(cfg)
+    prepare_run_dir(cfg.out_dir, overwrite=cfg.overwrite)
     set_seed(cfg.seed)
     device, dtype, ctx = setup_device(cfg.device, cfg.dtype, cfg.compile)
-    if cfg.beta <= 0:
-        raise ValueError(f"--beta={cfg.beta}: must be > 0 (it divides the reward in DPO's optimal policy)")
 
     # -- the two models: π (trained) and π_ref (frozen), both the SFT model at the start
     policy, sft_ckpt = load_model(cfg.sft, kind="policy")
@@ -97,9 +109,7 @@ def main(cfg: Config) -> dict:
 
     # -- data: the same files as reward.py reads
     train = load_rankings(cfg.data)
-    val = load_rankings(cfg.val_data or val_path_for(cfg.data))[:cfg.n_val]
-    if not train or not val:
-        raise ValueError(f"{cfg.data if not train else 'its val file'}: no rankings to train on or to check with")
+    val = load_rankings(cfg.val_data or val_path_for(cfg.data))[:cfg.n_val]  # an empty file is an error there
     print(f"data: {len(train):,} train / {len(val):,} held-out rankings, K = {sorted({len(r) for _, r in train})}")
 
     @torch.no_grad()
@@ -142,6 +152,7 @@ def main(cfg: Config) -> dict:
         record = {"step": step, "train/loss": loss.item(), "rewards/chosen": r_chosen.mean().item(),
                   "rewards/rejected": r_rejected.mean().item(), "rewards/margins": margins.mean().item(),
                   "rewards/accuracies": (margins > 0).float().mean().item(), "lr": lr, "grad_norm": grad_norm.item()}
+        check_finite(f"step {step}", record)
         bar.set_postfix_str(f"loss {record['train/loss']:.3f} | margin {record['rewards/margins']:+.3f} | "
                             f"{(time.time() - t0) * 1000:.0f}ms")
         if step % cfg.eval_interval == 0 or step == len(batches):

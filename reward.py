@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (all_reduce_sum, get_lr, get_tokenizer, load_labeler, log, read_jsonl, run, save_checkpoint,
-                    set_seed, setup_device, setup_distributed, val_path_for, wrap_ddp)
+from common import (all_reduce_sum, check_finite, check_range, get_lr, get_tokenizer, load_labeler, log,
+                    prepare_run_dir, read_jsonl, run, save_checkpoint, set_seed, setup_device, setup_distributed,
+                    val_path_for, wrap_ddp)
 from model import GPT, last_token_scores, load_model
 from sample import generate
-from sft import encode_example
+from sft import encode_example, is_too_long
 
 @dataclass
 class Config:
@@ -50,6 +51,14 @@ class Config:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
+    overwrite: bool = False           # replace the RM in out_dir (without it, a saved one is refused)
+
+def check_config(cfg):
+    """Every setting's range, checked before anything runs: one place, so new keys go here."""
+    check_range(cfg, ("n_normalize", "batch_size", "epochs", "eval_interval", "max_new_tokens"), 1)
+    check_range(cfg, ("n_agreement", "freeze_layers", "group_by_length", "warmup_steps", "weight_decay",
+                      "grad_clip"), 0)
+    check_range(cfg, ("lr",), 0, strict=True)
 
 # ----------------------------------------------------------------------------- the math (tests import these)
 
@@ -173,8 +182,10 @@ def length_grouped_batches(order, lengths, batch_size, group, generator):
 # ----------------------------------------------------------------------------- config -> data -> model -> loop -> save
 
 def main(cfg: Config) -> dict:
+    check_config(cfg)
     rank, world_size, device = setup_distributed(cfg.device)
     master = rank == 0  # rank 0 alone prints, logs, normalises and saves
+    prepare_run_dir(cfg.out_dir, overwrite=cfg.overwrite)
     set_seed(cfg.seed + rank)
     device, dtype, ctx = setup_device(device, cfg.dtype, cfg.compile)
 
@@ -204,6 +215,10 @@ def main(cfg: Config) -> dict:
     train = load_rankings(cfg.data)
     val_path = cfg.val_data or val_path_for(cfg.data)
     val = load_rankings(val_path)
+    for path, rankings in ((cfg.data, train), (val_path, val)):  # never silently: a cut prompt loses its start
+        n_cut = sum(any(is_too_long(tokenizer, [p, r], block_size) for r in ranking) for p, ranking in rankings)
+        if n_cut:
+            print(f"{path}: cut {n_cut:,} of {len(rankings):,} rankings to the {block_size}-token context")
     sft_path = cfg.sft_data or os.path.join(os.path.dirname(cfg.data), "sft_train.jsonl")
     demos = read_jsonl(sft_path, ["prompt", "response"])[:cfg.n_normalize]
     prompts_path = cfg.prompts or os.path.join(os.path.dirname(cfg.data), "prompts_val.jsonl")
@@ -266,6 +281,7 @@ def main(cfg: Config) -> dict:
             loss.detach().float() / world_size, n_correct.float(), torch.tensor(float(n_pairs), device=device)]))
         record = {"step": step, "train/loss": step_loss.item(),
                   "train/accuracy": n_correct.item() / max(1, n_pairs.item()), "lr": lr}  # sync point
+        check_finite(f"step {step}", record)
         bar.set_postfix_str(f"loss {record['train/loss']:.3f} | acc {record['train/accuracy']:.2f} | "
                             f"{(time.time() - t0) * 1000:.0f}ms")
         if step % cfg.eval_interval == 0 or step == len(batches):

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from common import get_tokenizer, read_jsonl, run, setup_device
+from common import check_range, get_tokenizer, read_jsonl, run, setup_device
 from model import KVCache, last_token_scores, load_model
 
 # ----------------------------------------------------------------------------- generate(): the sampler PPO uses
@@ -276,9 +276,9 @@ class Config:
     ckpt: str = "out/sft"             # the policy: a run folder or its ckpt.pt
     init: str = ""                    # sample from OpenAI's weights instead: gpt2, gpt2-medium, ... or a HF folder
     prompt: str = "Write a happy story about a green frog.\n"  # text, FILE:path, - (stdin), or empty (docstring)
-    num_samples: int = 4              # samples per prompt
+    num_samples: int = 4              # samples per prompt (with --best_of: each the best of best_of draws)
     max_new_tokens: int = 200
-    temperature: float = 1.0          # 0 = greedy
+    temperature: float = 0.7          # 0 = greedy; 0.7 is what PPO samples and is evaluated at
     top_k: Optional[int] = None       # keep only the k most likely tokens
     top_p: Optional[float] = None     # nucleus sampling: keep the top tokens holding this much probability
     seed: int = 1337
@@ -290,7 +290,18 @@ class Config:
     reward: str = "out/rm"            # the reward model for --best_of
     compare: str = ""                 # a second checkpoint: same prompts and seed, printed next to the first
 
+def check_config(cfg):
+    """Every setting's range, checked before anything runs: one place, so new keys go here."""
+    check_range(cfg, ("num_samples", "max_new_tokens", "batch_size", "best_of", "top_k"), 1)
+    check_range(cfg, ("temperature",), 0)
+    check_range(cfg, ("top_p",), 0, strict=True, high=1)
+    if cfg.chat and (cfg.best_of > 1 or cfg.compare):
+        raise ValueError("--chat samples one reply at a time: it takes neither --best_of nor --compare")
+    if cfg.best_of > 1 and cfg.compare:
+        raise ValueError("--best_of with --compare: give one (best-of-N ranks one model's samples)")
+
 def main(cfg: Config) -> dict:
+    check_config(cfg)
     device, _, ctx = setup_device(cfg.device, cfg.dtype)
     source = cfg.init or cfg.ckpt
     policy, ckpt = load_model(source, kind="policy")
@@ -309,6 +320,10 @@ def main(cfg: Config) -> dict:
         else:
             with open(path, encoding="utf-8") as f:
                 texts = [f.read()]
+    if ckpt["tokenizer"] == "bytes" and any(text and not text.endswith("\n") for text in texts):
+        # the built-in task's prompts end in a newline, and the stories start after it
+        print("hint: the stories prompts end in a newline; without it the model continues the instruction instead "
+              "of writing a story (in bash: --prompt=$'Write a happy story about a green frog.\\n')")
     prompts = [tok.encode_ordinary(text) if text else [tok.eot_token] for text in texts]
     decode = lambda ids: tok.decode(ids, errors="replace")  # noqa: E731
     if cfg.best_of > 1:
@@ -318,14 +333,15 @@ def main(cfg: Config) -> dict:
                              f"{ckpt['tokenizer']!r}")
         policy, reward_model = policy.to(device), reward_model.to(device)
         samples, per_call = {source: []}, max(1, cfg.batch_size // cfg.best_of)  # prompts per generate() call
+        rows = [i for i in range(len(prompts)) for _ in range(cfg.num_samples)]  # num_samples bests per prompt
         generator.manual_seed(cfg.seed)
-        for i in range(0, len(prompts), per_call):
+        for start in range(0, len(rows), per_call):
             with ctx:
-                responses, scores = best_of_n(policy, reward_model, prompts[i:i + per_call], cfg.best_of,
-                                              cfg.max_new_tokens, generator=generator, **sampling)
-            for text, response, score in zip(texts[i:], responses, scores.tolist()):  # sync point: printing
+                responses, scores = best_of_n(policy, reward_model, [prompts[i] for i in rows[start:start + per_call]],
+                                              cfg.best_of, cfg.max_new_tokens, generator=generator, **sampling)
+            for i, response, score in zip(rows[start:], responses, scores.tolist()):  # sync point: printing
                 samples[source].append(decode(response))
-                print(f"{'-' * 40} best of {cfg.best_of}, reward {score:+.3f}\n{text}{samples[source][-1]}")
+                print(f"{'-' * 40} best of {cfg.best_of}, reward {score:+.3f}\n{texts[i]}{samples[source][-1]}")
         return {"samples": samples}
     # Plain sampling, from one model or two. Each gets the same seed, so differences come from the weights.
     models = {source: policy} | ({cfg.compare: load_model(cfg.compare, kind="policy")[0]} if cfg.compare else {})

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (all_reduce_sum, get_lr, get_tokenizer, load_checkpoint, log, read_jsonl, run, save_checkpoint,
-                    set_seed, setup_device, setup_distributed, val_path_for, wrap_ddp)
+from common import (all_reduce_sum, check_finite, check_range, get_lr, get_tokenizer, log, prepare_run_dir,
+                    read_jsonl, resume_checkpoint, run, save_checkpoint, set_seed, setup_device, setup_distributed,
+                    val_path_for, wrap_ddp)
 from model import GPT, GPTConfig, load_model
 
 @dataclass
@@ -48,9 +49,23 @@ class Config:
     eval_batches: int = 8
     seed: int = 1337
     resume: bool = False              # continue from out_dir/ckpt.pt (same data order, same optimizer state)
+    overwrite: bool = False           # replace the run in out_dir (without it or --resume, a saved run is refused)
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
+
+def check_config(cfg):
+    """Every setting's range and every input file, checked before anything runs: one place, so new keys go here."""
+    check_range(cfg, ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_steps",
+                      "eval_interval", "eval_batches"), 1)
+    check_range(cfg, ("lr",), 0, strict=True)
+    check_range(cfg, ("warmup_steps", "weight_decay", "grad_clip"), 0)
+    check_range(cfg, ("dropout", "min_lr_ratio"), 0, high=1)
+    if cfg.mode not in ("sft", "pretrain"):
+        raise ValueError(f"--mode={cfg.mode}: expected 'sft' or 'pretrain'")
+    for path in (cfg.data, cfg.val_data or val_path_for(cfg.data)):
+        if (path == cfg.data or cfg.val_data) and not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such file")
 
 # ----------------------------------------------------------------------------- data: the response-only mask
 
@@ -61,6 +76,13 @@ def encode_example(tokenizer, prompt, response, block_size):
     tokens = prompt_ids + tokenizer.encode_ordinary(response) + [tokenizer.eot_token]
     n_cut = max(0, len(tokens) - (block_size + 1))  # +1: inputs and targets are shifted copies
     return tokens[n_cut:], max(0, len(prompt_ids) - n_cut)
+
+def is_too_long(tokenizer, texts, n_tokens):
+    """Whether texts, encoded one after another and ended by <|endoftext|>, take more than n_tokens tokens. A token
+    is at least one UTF-8 byte, so text that fits in bytes fits in tokens and is not tokenized again."""
+    if sum(len(t.encode("utf-8")) for t in texts) + 1 <= n_tokens:
+        return False
+    return sum(len(tokenizer.encode_ordinary(t)) for t in texts) + 1 > n_tokens
 
 def load_examples(path, mode, tokenizer, block_size):
     """(tokens, n_prompt) per example. Pretraining text has no prompt: the documents are packed into one stream,
@@ -74,8 +96,11 @@ def load_examples(path, mode, tokenizer, block_size):
         # input, and every token after the first is a target exactly once (a chunk needs two tokens).
         return [(stream[i:i + block_size + 1], 0) for i in range(0, len(stream) - 1, block_size)]
     if mode == "sft":
-        return [encode_example(tokenizer, r["prompt"], r["response"], block_size)
-                for r in read_jsonl(path, ["prompt", "response"])]
+        rows = read_jsonl(path, ["prompt", "response"])
+        n_cut = sum(is_too_long(tokenizer, [r["prompt"], r["response"]], block_size + 1) for r in rows)
+        if n_cut:  # never silently: a cut example loses the start of its prompt
+            print(f"{path}: cut {n_cut:,} of {len(rows):,} examples to the {block_size}-token context")
+        return [encode_example(tokenizer, r["prompt"], r["response"], block_size) for r in rows]
     raise ValueError(f"--mode={mode}: expected 'sft' or 'pretrain'")
 
 def make_batch(examples, pad_id):
@@ -100,14 +125,16 @@ def lm_loss(model, x, y):
 # ----------------------------------------------------------------------------- config -> data -> model -> loop -> save
 
 def main(cfg: Config) -> dict:
+    check_config(cfg)
     rank, world_size, device = setup_distributed(cfg.device)
     master = rank == 0  # rank 0 alone prints, logs and saves
+    prepare_run_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
     set_seed(cfg.seed + rank)  # dropout differs per process; the weights are rank 0's (DDP copies them at wrapping)
     device, dtype, ctx = setup_device(device, cfg.dtype, cfg.compile)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
 
     # -- model: from scratch, from GPT-2, or from an earlier stage's checkpoint
-    resume_ckpt = load_checkpoint(ckpt_path, "policy") if cfg.resume else None
+    resume_ckpt = resume_checkpoint(cfg.out_dir, ("data_rng", "best_val_loss")) if cfg.resume else None
     if resume_ckpt is not None:
         model, tokenizer_name = GPT.from_checkpoint(resume_ckpt, ckpt_path), resume_ckpt["tokenizer"]
     elif cfg.init == "scratch":
@@ -120,13 +147,16 @@ def main(cfg: Config) -> dict:
     tokenizer = get_tokenizer(tokenizer_name)
     model.to(device).train()
     if master:
-        print(f"model: {model.num_params():,} parameters | tokenizer {tokenizer_name} | context {model.config.block_size}")
+        print(f"model: {model.num_params():,} parameters | tokenizer {tokenizer_name} | "
+              f"context {model.config.block_size}")
 
     # -- data
     val_path = cfg.val_data or val_path_for(cfg.data)
     train = load_examples(cfg.data, cfg.mode, tokenizer, model.config.block_size)
     val = load_examples(val_path, cfg.mode, tokenizer, model.config.block_size) if os.path.exists(val_path) else []
     if master:
+        if not val:
+            print(f"no val file {val_path}: no validation, the last model is kept")
         print(f"data: {len(train):,} train / {len(val):,} val examples ({cfg.mode}) from {cfg.data}")
     # Data order comes from one seeded generator whose state is checkpointed, so --resume replays the same batches.
     # It is the same on every process: each draws the global micro-batch and keeps its own slice of it, so no two
@@ -147,7 +177,8 @@ def main(cfg: Config) -> dict:
         data_rng.set_state(resume_ckpt["data_rng"])
         step, best_val_loss = resume_ckpt["step"], resume_ckpt["best_val_loss"]
         if master:
-            print(f"resumed from {ckpt_path} at step {step}")
+            print(f"resumed from {ckpt_path} at step {step}" + (" (--max_steps reached: nothing to do)"
+                                                                 if step >= cfg.max_steps else ""))
     train_model = torch.compile(model) if cfg.compile else model  # compile wraps the training forward only
     train_model = wrap_ddp(train_model, device)  # several processes: gradients averaged over them in backward
 
@@ -204,8 +235,11 @@ def main(cfg: Config) -> dict:
         record = {"step": step, "train/loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
                   "tokens_per_s": int(n_targets) / dt}  # all processes' tokens
         bar.set_postfix_str(f"loss {train_loss:.3f} | lr {lr:.1e} | {dt * 1000:.0f}ms")
-        if val and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
+        is_eval = val and (step % cfg.eval_interval == 0 or step == cfg.max_steps)
+        if is_eval:
             record["val/loss"] = val_loss = estimate_val_loss()
+        check_finite(f"step {step}", record)  # before this step's model can be saved
+        if is_eval:
             if master:
                 tqdm.write(f"step {step}/{cfg.max_steps} | train loss {train_loss:.3f} | val loss {val_loss:.3f}")
             # Keep the best model by validation loss; it carries everything --resume needs.
@@ -216,8 +250,8 @@ def main(cfg: Config) -> dict:
         if master:
             log(cfg.out_dir, record)
     bar.close()
-    if not val and master:  # no validation file: the last model is the one we keep
-        save()
+    if not val and master and (resume_ckpt is None or step > resume_ckpt["step"]):
+        save()  # no validation: the last model is the one we keep
     return {"best_val_loss": best_val_loss, "train_loss": train_loss, "step": step}
 
 if __name__ == "__main__":

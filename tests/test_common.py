@@ -4,6 +4,7 @@ with errors that say `file:line: field`, atomic checkpoints and the lr schedule.
 culprit.
     python -m pytest tests/test_common.py -q
 """
+import errno
 import math
 import os
 from dataclasses import dataclass
@@ -135,13 +136,13 @@ def test_crash_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, mon
     common.save_checkpoint(path, {"kind": "policy", "step": 1, "model": {"w": torch.ones(3)}})
 
     def crashing_save(obj, f, *args, **kwargs):
-        with open(f, "wb") as out:
-            out.write(b"PK\x03\x04 half a checkpoint")
-        raise OSError("No space left on device")
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", crashing_save)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="No space left on device") as excinfo:
         common.save_checkpoint(path, {"kind": "policy", "step": 2, "model": {"w": torch.zeros(3)}})
+    assert excinfo.value.filename == path  # named as the checkpoint, not its temp file
     monkeypatch.undo()
     ckpt = common.load_checkpoint(path, "policy")
     assert ckpt["step"] == 1 and torch.equal(ckpt["model"]["w"], torch.ones(3))

@@ -226,7 +226,7 @@ def test_frozen_lower_blocks_keep_their_sft_weights_and_the_top_block_learns(rm_
 def test_freezing_every_block_is_a_one_line_error(rm_run):
     cfg, _ = rm_run
     with pytest.raises(ValueError) as excinfo:
-        reward.main(replace(cfg, freeze_layers=TINY["n_layer"]))
+        reward.main(replace(cfg, freeze_layers=TINY["n_layer"], out_dir=cfg.out_dir + "_frozen"))
     one_line_error(excinfo, "freeze_layers=2")
 
 def test_length_grouped_batches_keep_every_ranking_once_and_need_less_padding():
@@ -268,7 +268,7 @@ def test_defaults_come_from_the_data_folder_and_a_missing_file_stops_before_trai
     real = replace(cfg, out_dir=str(tmp_path / "rm"), data=str(folder / "prefs_train.jsonl"), sft_data="", prompts="")
     with pytest.raises(FileNotFoundError, match="real/sft_train.jsonl: no such file"):
         reward.main(real)
-    assert not (tmp_path / "rm").exists()  # nothing trained, nothing logged
+    assert not {"ckpt.pt", "log.jsonl"} & set(os.listdir(tmp_path / "rm"))  # nothing trained, nothing logged
     shutil.copy(cfg.sft_data, folder / "sft_train.jsonl")
     result = reward.main(real)  # no labeler.py and no prompts_val.jsonl beside it: no agreement check, no error
     assert result["labeler_agreement"] is None

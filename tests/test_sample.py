@@ -172,8 +172,8 @@ def test_cli_samples_compares_and_picks_best_of_n_from_a_checkpoint(tmp_path, ca
     cfg.compare = str(tmp_path / "policy" / "ckpt.pt")  # the same weights under another name
     assert sample.main(cfg)["samples"] == {cfg.ckpt: samples, cfg.compare: samples}  # same seed: same text
     cfg.compare, cfg.best_of, cfg.reward = "", 3, str(tmp_path / "reward")
-    assert len(sample.main(cfg)["samples"][cfg.ckpt]) == 1
-    assert "best of 3, reward" in capsys.readouterr().out
+    assert len(sample.main(cfg)["samples"][cfg.ckpt]) == 2  # --num_samples is honoured: two bests of 3 each
+    assert capsys.readouterr().out.count("best of 3, reward") == 2
 
 def test_cli_reads_the_prompt_from_stdin(tmp_path, capsys, monkeypatch):
     """`--prompt=-` samples from the text on standard input exactly as if it had been given inline."""
@@ -200,7 +200,7 @@ def test_chat_streams_the_same_text_generate_returns(tmp_path, capsys, monkeypat
     cfg = sample.Config(ckpt=str(tmp_path), chat=True, max_new_tokens=20, device="cpu", dtype="float32")
     assert sample.main(cfg) == {"turns": 1}
     tok = sample.get_tokenizer("bytes")
-    gen = sample.generate(model, [tok.encode_ordinary("Once upon\n")], 20, eos_id=tok.eot_token,
-                          generator=torch.Generator().manual_seed(cfg.seed))
+    gen = sample.generate(model, [tok.encode_ordinary("Once upon\n")], 20, temperature=cfg.temperature,
+                          eos_id=tok.eot_token, generator=torch.Generator().manual_seed(cfg.seed))
     reply = tok.decode(sample.strip_eos(gen.responses[0], gen.response_mask[0], tok.eot_token), errors="replace")
     assert capsys.readouterr().out.endswith(reply + "\n")
