@@ -126,6 +126,13 @@ def setup_device(device="auto", dtype="auto", compile=False):
     print(f"device {device} | dtype {dtype} | compile {compile}")
     return device, dtype, ctx
 
+def peak_memory(device):
+    """{"memory/peak_gib": the most CUDA memory this process has held in tensors so far} for a stage's log record
+    and printed line, or {} off CUDA, where PyTorch does not count it."""
+    if not str(device).startswith("cuda"):
+        return {}
+    return {"memory/peak_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30}
+
 def set_seed(seed):
     torch.manual_seed(seed)
 

@@ -396,9 +396,16 @@ def token_logprobs(logits, tokens):
 
 def response_logprobs(model, tokens, attention_mask, P, temperature):
     """log π(a_t) of each response token at the rollout's temperature (N+ details: recomputing at another
-    temperature than the one sampled at silently changes the ratio). Returns (B, R) and the logits (B, R, V)."""
-    logits = model(tokens, attention_mask=attention_mask)[:, P - 1:-1].float() / temperature  # (B, R, V)
+    temperature than the one sampled at silently changes the ratio). Returns (B, R) and the logits (B, R, V).
+    Every log-prob path (PPO's old, reference and new log-probs, evaluation's KL, DPO) goes through here: the LM
+    head runs in fp32 (GPT.lm_logits) and only at the positions P-1.. that predict response tokens."""
+    logits = model(tokens, attention_mask=attention_mask, logits_from=P - 1)[:, :-1] / temperature  # (B, R, V)
     return token_logprobs(logits, tokens[:, P:]), logits
+
+def response_values(value_model, tokens, attention_mask, P):
+    """V(s_t) of the state before each response token: the scalar head at positions P-1 .. T-2, in fp32.
+    (B, P+R) -> (B, R)"""
+    return value_model(tokens, attention_mask=attention_mask, logits_from=P - 1)[:, :-1]
 
 def last_token_scores(scores, attention_mask):
     """The scalar head's output at each sequence's last real token: (B, T), (B, T) bool -> (B,).

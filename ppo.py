@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (get_tokenizer, load_checkpoint, load_labeler, log, read_jsonl, run, save_checkpoint, set_seed,
-                    setup_device, val_path_for)
+from common import (get_tokenizer, load_checkpoint, load_labeler, log, peak_memory, read_jsonl, run, save_checkpoint,
+                    set_seed, setup_device, val_path_for)
 from eval import evaluate, save_eval, sft_side_cached
-from model import GPT, load_model, response_logprobs
+from model import GPT, disable_dropout, load_model, response_logprobs, response_values
 from reward import score
 from sample import generate
 from sft import lm_loss, load_examples, make_batch
@@ -88,7 +88,11 @@ class Config:
     resume: bool = False
     device: str = "auto"
     dtype: str = "auto"
-    compile: bool = False
+    compile: bool = False              # torch.compile the training forwards of π and V (sampling stays eager)
+    cuda_graph: bool = False           # CUDA only: replay the rollouts' decode step as a CUDA graph (sample.py)
+    micro_batch_size: int = 0          # rows per forward and backward (0 = a whole minibatch): changes memory,
+                                       # not results (gradients accumulate over a minibatch's micro-batches)
+    grad_checkpoint: bool = False      # recompute each block's activations in the backward pass, to save memory
 
 # ----------------------------------------------------------------------------- the math (tests import these)
 
@@ -174,11 +178,16 @@ def load_models(cfg, device):
     # the RM's raw scale; with whitened scores its outputs elsewhere are noise that GAE would turn into advantages.
     torch.nn.init.zeros_(value_model.score_head.weight)
     torch.nn.init.zeros_(value_model.score_head.bias)
+    # N+ details: no dropout in any of the four models, whatever the checkpoints were trained with, so train() and
+    # eval() compute the same log-probs and the first minibatch's ratio is exactly 1
+    for model in (policy, ref_policy, reward_model, value_model):
+        disable_dropout(model).grad_checkpoint = cfg.grad_checkpoint
     for model in (ref_policy, reward_model):
         model.to(device).eval().requires_grad_(False)
-    # dropout is 0 in every model (N+ details), so train() and eval() compute the same log-probs
     policy.to(device).train()
     value_model.to(device).train()
+    print("parameters: " + " | ".join(f"{name} {m.num_params():,}" for name, m in (
+        ("policy", policy), ("reference", ref_policy), ("reward", reward_model), ("value", value_model))))
     return policy, ref_policy, reward_model, value_model, sft_ckpt["tokenizer"]
 
 def load_prompts(path, tokenizer, cfg, block_size, limit=None):
@@ -260,7 +269,12 @@ def main(cfg: Config) -> dict:
                                                         if isinstance(v, float)))
         save_eval(cfg.out_dir, result, texts, val_prompts)
 
+    # --compile wraps the training forwards; sampling (changing shapes) and saving use the raw modules
+    train_policy, train_value = (torch.compile(m, dynamic=True) if cfg.compile else m for m in (policy, value_model))
     mb_size = cfg.batch_size // cfg.n_minibatches
+    micro_size = cfg.micro_batch_size or mb_size  # rows per forward + backward in the updates
+    rows_per_forward = cfg.micro_batch_size or cfg.batch_size  # and in the no-grad forwards over the whole batch
+    chunks = [slice(i, i + rows_per_forward) for i in range(0, cfg.batch_size, rows_per_forward)]
     bar = tqdm(range(start_iter, cfg.n_iters), initial=start_iter, total=cfg.n_iters, desc="ppo", dynamic_ncols=True)
     for iteration in bar:
         t0 = time.time()
@@ -272,7 +286,8 @@ def main(cfg: Config) -> dict:
         policy.eval()
         with ctx:
             rollout = generate(policy, [tokenizer.encode_ordinary(p) for p in batch_prompts], cfg.max_new_tokens,
-                               temperature=cfg.temperature, eos_id=tokenizer.eot_token, generator=gen_rng).trimmed()
+                               temperature=cfg.temperature, eos_id=tokenizer.eot_token, generator=gen_rng,
+                               cuda_graph=cfg.cuda_graph, compile_step=cfg.cuda_graph and cfg.compile).trimmed()
         policy.train()
         t_rollout = time.time() - t0
         tokens, attention_mask, P = rollout.tokens, rollout.attention_mask, rollout.prompt_len  # (B, P+R)
@@ -281,14 +296,16 @@ def main(cfg: Config) -> dict:
         # ------------------------------------------------------------ 2. score, 3. rewards, 4. advantages
         with torch.no_grad(), ctx:
             # Recompute log π with a full forward (not the sampler's numbers) so old and new log-probs come from
-            # the same code path; at step 0 the ratio is then exactly 1.
-            old_logprobs, _ = response_logprobs(policy, tokens, attention_mask, P, cfg.temperature)  # (B, R)
-            ref_logprobs, _ = response_logprobs(ref_policy, tokens, attention_mask, P, cfg.temperature)  # (B, R)
-            old_values = value_model(tokens, attention_mask=attention_mask)[:, P - 1:-1].float()  # (B, R) V(s_t)
+            # the same code path; at step 0 the ratio is then exactly 1. In chunks of micro_batch_size rows.
+            def no_grad_forward(fn):
+                return torch.cat([fn(tokens[c], attention_mask[c]) for c in chunks])
+            old_logprobs = no_grad_forward(lambda t, m: response_logprobs(train_policy, t, m, P, cfg.temperature)[0])
+            ref_logprobs = no_grad_forward(lambda t, m: response_logprobs(ref_policy, t, m, P, cfg.temperature)[0])
+            old_values = no_grad_forward(lambda t, m: response_values(train_value, t, m, P))  # (B, R) V(s_t)
             if cfg.gold_reward:  # the labeler in the RM's place (its scores are in [0, 1]; whitening rescales them)
                 scores = torch.tensor(list(map(labeler.score, batch_prompts, texts)), device=device)  # (B,)
             else:
-                scores = score(reward_model, tokens, attention_mask).float()  # (B,) r(x, y) at the last real token
+                scores = no_grad_forward(lambda t, m: score(reward_model, t, m)).float()  # (B,) r(x, y) at the end
         # N+ details "EOS trick": a response cut off before end-of-text gets a fixed low score.
         has_eos = ((tokens[:, P:] == tokenizer.eot_token) & response_mask).any(1)  # (B,)
         scores = torch.where(has_eos, scores, torch.full_like(scores, cfg.no_eos_score))
@@ -303,34 +320,43 @@ def main(cfg: Config) -> dict:
             perm = torch.randperm(cfg.batch_size, generator=prompt_rng)
             for start in range(0, cfg.batch_size, mb_size):
                 mb = perm[start:start + mb_size]
-                mb_mask = response_mask[mb]
-                with ctx:
-                    mb_logprobs, mb_logits = response_logprobs(policy, tokens[mb], attention_mask[mb], P,
-                                                               cfg.temperature)
-                    mb_values = value_model(tokens[mb], attention_mask=attention_mask[mb])[:, P - 1:-1].float()
-                    pg_loss, clipfrac, approxkl = policy_loss(mb_logprobs, old_logprobs[mb], advantages[mb],
-                                                              mb_mask, cfg.cliprange)
-                    vf_loss, vf_clipfrac = value_loss(mb_values, old_values[mb], returns[mb], mb_mask,
-                                                      cfg.cliprange_value)
-                    loss = pg_loss + cfg.vf_coef * vf_loss
-                    if ptx:  # PPO-ptx: keep the pretraining distribution's likelihood up (InstructGPT eq. (2))
-                        idx = torch.randint(len(ptx), (cfg.ptx_batch_size,), generator=prompt_rng)
-                        x, y = make_batch([ptx[i] for i in idx], tokenizer.eot_token)
-                        ptx_loss = lm_loss(policy, x.to(device), y.to(device))
-                        loss = loss + cfg.ptx_coef * ptx_loss
-                        stats["ptx_loss"].append(ptx_loss.detach())
+                n_tokens = response_mask[mb].sum().clamp(min=1)  # the minibatch's real response tokens
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                mb_stats = {}
+                for micro in mb.split(micro_size):  # gradient accumulation: memory falls, the update stays the same
+                    mb_mask = response_mask[micro]
+                    # Each loss is a masked mean over the micro-batch; weighted by the micro-batch's share of the
+                    # minibatch's real tokens, the summed losses (and gradients) are the minibatch's masked means.
+                    weight = mb_mask.sum() / n_tokens
+                    with ctx:
+                        mb_logprobs, mb_logits = response_logprobs(train_policy, tokens[micro], attention_mask[micro],
+                                                                   P, cfg.temperature)
+                        mb_values = response_values(train_value, tokens[micro], attention_mask[micro], P)
+                        pg_loss, clipfrac, approxkl = policy_loss(mb_logprobs, old_logprobs[micro], advantages[micro],
+                                                                  mb_mask, cfg.cliprange)
+                        vf_loss, vf_clipfrac = value_loss(mb_values, old_values[micro], returns[micro], mb_mask,
+                                                          cfg.cliprange_value)
+                    ((pg_loss + cfg.vf_coef * vf_loss) * weight).backward()
+                    with torch.no_grad():
+                        entropy = -(F.softmax(mb_logits, -1) * F.log_softmax(mb_logits, -1)).sum(-1)  # (micro, R)
+                    for k, v in (("policy/entropy_avg", masked_mean(entropy, mb_mask)),
+                                 ("policy/clipfrac_avg", clipfrac), ("policy/approxkl_avg", approxkl),
+                                 ("loss/policy_avg", pg_loss), ("loss/value_avg", vf_loss),
+                                 ("val/clipfrac_avg", vf_clipfrac)):
+                        mb_stats[k] = mb_stats.get(k, 0) + v.detach() * weight
+                if ptx:  # PPO-ptx: keep the pretraining distribution's likelihood up (InstructGPT eq. (2))
+                    idx = torch.randint(len(ptx), (cfg.ptx_batch_size,), generator=prompt_rng)
+                    x, y = make_batch([ptx[i] for i in idx], tokenizer.eot_token)
+                    with ctx:
+                        ptx_loss = lm_loss(train_policy, x.to(device), y.to(device))
+                    (cfg.ptx_coef * ptx_loss).backward()
+                    stats["ptx_loss"].append(ptx_loss.detach())
                 # clip each model on its own: the value loss's large early gradients must not shrink π's step
                 torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
                 torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.grad_clip)
                 optimizer.step()
-                with torch.no_grad():
-                    entropy = -(F.softmax(mb_logits, dim=-1) * F.log_softmax(mb_logits, dim=-1)).sum(-1)  # (mb, R)
-                for k, v in (("policy/entropy_avg", masked_mean(entropy, mb_mask)), ("policy/clipfrac_avg", clipfrac),
-                             ("policy/approxkl_avg", approxkl), ("loss/policy_avg", pg_loss),
-                             ("loss/value_avg", vf_loss), ("val/clipfrac_avg", vf_clipfrac)):
-                    stats.setdefault(k, []).append(v.detach())
+                for k, v in mb_stats.items():
+                    stats.setdefault(k, []).append(v)
         # ------------------------------------------------------------ adaptive KL (Ziegler et al. 2019, §2.2)
         mean_kl = kl.sum(1).mean().item()  # sync point: once per iteration
         rlhf_reward = (scores - kl_coef * kl.sum(1)).mean().item()  # with the β that built this batch's rewards
@@ -344,11 +370,12 @@ def main(cfg: Config) -> dict:
                   "ppo/val/explained_variance": explained_variance(returns, old_values, response_mask).item(),
                   "response/length": response_mask.sum(1).float().mean().item(),
                   "response/eos_share": has_eos.float().mean().item(), "time/rollout_s": t_rollout,
-                  "time/iteration_s": time.time() - t0}
+                  "time/iteration_s": time.time() - t0, **peak_memory(device)}
         if labeler is not None:  # the gold judge's view of the same samples (the policy sees it only with gold_reward)
             record["objective/labeler_score"] = sum(map(labeler.score, batch_prompts, texts)) / len(texts)
         bar.set_postfix_str(f"score {record['objective/scores']:+.2f} | kl {mean_kl:.2f} | β {kl_coef:.3f}"
-                            + (f" | gold {record['objective/labeler_score']:.3f}" if labeler else ""))
+                            + (f" | gold {record['objective/labeler_score']:.3f}" if labeler else "")
+                            + (f" | peak {record['memory/peak_gib']:.1f} GiB" if "memory/peak_gib" in record else ""))
         if (iteration + 1) % cfg.eval_interval == 0 or iteration + 1 == cfg.n_iters:
             run_eval(iteration + 1)
         log(cfg.out_dir, record)
