@@ -4,8 +4,8 @@ a naive loop that re-runs the whole sequence for every new token (no cache), and
 GPT2LMHeadModel.generate with the same weights. Random weights, ragged prompts of 32-64 tokens, sampling at
 temperature 1 with no end-of-text, so every method makes exactly the same number of tokens.
 Throughput = new tokens / wall time of the whole call (prefill included), summed over the batch.
-    python bench.py            # GPT-2-small shape and a small model, batch 1, 8, 32 (~9 min on 2 CPU cores)
-    python bench.py --quick    # the small model only, 32 new tokens (~10 s)
+    python bench.py            # GPT-2-small shape and a small model, batch 1, 8, 32 (minutes on a CPU)
+    python bench.py --quick    # the small model only, 32 new tokens (seconds)
 Then one reward-model training step (reward.py): the scores of 4 rankings of K = 4 responses, forward and backward,
 with each ranking packed into one row (its prompt once) against one right-padded sequence per response.
 """

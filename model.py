@@ -69,7 +69,7 @@ class CausalSelfAttention(nn.Module):
         if attn_mask is None:  # the plain causal case (pretraining): lets SDPA pick its fastest kernel
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         elif T == 1 and q.device.type == "cpu":
-            # One-token decode on CPU: two plain matmuls beat SDPA's CPU kernel ~2x here (bench.py); same math.
+            # One-token decode on CPU: two plain matmuls beat SDPA's CPU kernel (docs/experiments.md#speed).
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.shape[-1]))  # (B, H, 1, S)
             y = att.masked_fill(~attn_mask, float("-inf")).softmax(dim=-1) @ v  # (B, H, 1, D)
         else:
@@ -116,9 +116,8 @@ class GPT(nn.Module):
             # never been trained to judge the response: nothing follows it in pretraining or SFT. The judgement the
             # LM did learn, "is this a good place to stop?", sits in the final state of the token before it, one
             # block too late for the end-of-text token to attend to it. So the head reads both: a linear function of
-            # [h_t ; h_prev(t)], prev(t) = the sequence's previous real token. Built-in task: whether the sentence
-            # count is the one asked for is linearly readable (probe, 0.82) from the last token's final state but
-            # not from end-of-text's (0.61, base rate 0.60); the RM's accuracy on count-only pairs went 0.49 -> 0.86.
+            # [h_t ; h_prev(t)], prev(t) = the sequence's previous real token. On the built-in task this is what let
+            # the RM tell a right sentence count from a wrong one (docs/experiments.md#reward-model).
             self.score_head = nn.Linear(2 * config.n_embd, 1)
         else:
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -206,9 +205,9 @@ class GPT(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             x = self.transformer.ln_f(x.float())
             if x.device.type == "cpu" and self.config.vocab_size > 4 * LOGITS_CHUNK:
-                # On CPU, one GEMM 50257 outputs wide ran ~1.4x slower than the same GEMM cut into 2048-wide slices
-                # of the vocabulary (torch 2.13, 2 cores, 8 to 1024 rows; README, "Speed"). Same dot products, so
-                # the same logits; at batch 32 the LM head is a third of a GPT-2-small decode step.
+                # On CPU, one GEMM 50257 outputs wide ran slower than the same GEMM cut into 2048-wide slices of the
+                # vocabulary (docs/experiments.md#speed). Same dot products, so the same logits; at batch 32 the LM
+                # head is a large share of a GPT-2-small decode step.
                 return torch.cat([F.linear(x, w) for w in self.lm_head.weight.split(LOGITS_CHUNK)], -1)
             return self.lm_head(x)
 

@@ -38,19 +38,16 @@ class Config:
     val_prompts: str = ""              # default: prompts with _train replaced by _val
     # rollouts
     n_iters: int = 60                  # PPO iterations (each: one batch of rollouts, then ppo_epochs of updates);
-                                       # 60 at a constant lr 1.2e-4 did a little better than 50 at 8e-5 (win rate
-                                       # 0.761 / 0.755, 5 seeds, 4 minibatches; README); 70 took up to 5 min
+                                       # sized to the CPU budget of run.sh (docs/experiments.md#ppo-settings)
     batch_size: int = 64               # rollouts per iteration
     max_new_tokens: int = 120          # responses longer than this are cut, and get no_eos_score
     temperature: float = 0.7           # sampling temperature; the log-probs are recomputed at the same one
     # the reward
     init_kl_coef: float = 0.3          # β at the start (InstructGPT: 0.02, fixed, on their RM's scale). With λ = 1
-                                       # PPO moves faster, and from 0.1 it overshot a 1.5-nat target (2.2-2.7 nats)
+                                       # PPO moves fast, and a low start overshoots the target before β catches up
     adaptive_kl: bool = True           # adapt β toward target_kl (Ziegler et al. 2019 §2.2)
-    target_kl: float = 3.0             # nats per sequence. Where the labeler's score peaks depends on the RM: this
-                                       # one gained up to ~3-4 nats (3 seeds: 1.5 -> 3 nats, win rate 0.71 -> 0.73;
-                                       # 4 nats no better, 2 worse), a weaker one (0.81 val accuracy) peaked at
-                                       # 1.1-1.4 nats (README)
+    target_kl: float = 3.0             # nats per sequence. Where the labeler's score peaks depends on the RM: a
+                                       # better RM can be followed further (docs/experiments.md#kl-target)
     kl_horizon: int = 500              # how fast β adapts (in rollouts; Ziegler et al. used 10,000 over far more)
     no_eos_score: float = -3.0         # N+ details: a response that never ends gets this instead of the RM's score
     whiten_rewards: bool = True        # N+ details: whiten RM scores per batch (β and the value clip see unit scale)
@@ -59,15 +56,13 @@ class Config:
     # PPO
     ppo_epochs: int = 2                # passes over each batch (N+ details use 4; 2 halves our CPU time)
     n_minibatches: int = 2             # per epoch: 2 of 32 rollouts, 4 optimizer steps per iteration. Fewer, less
-                                       # noisy steps drift less: 4 minibatches gave win rate 0.753 / held-out 0.736,
-                                       # 2 gave 0.786 / 0.773 (5 training seeds, README), 8 did worse than 4
+                                       # noisy steps drift less from the rollouts (docs/experiments.md#minibatches)
     lr: float = 2.4e-4                 # the first iteration's; annealed, the run's mean lr is half of it
     anneal_lr: bool = True             # lr falls linearly toward 0 over the run (as in CleanRL's ppo.py), so the
-                                       # policy settles instead of jittering around what the RM rewards: from
-                                       # 2.4e-4, win rate 0.811 / held-out 0.812 against 0.781 / 0.770 at a constant
-                                       # 1.2e-4 (7 training seeds, README); a constant 1.8e-4 did no better
+                                       # policy settles instead of jittering around what the RM rewards
+                                       # (docs/experiments.md#learning-rate)
     gamma: float = 1.0                 # no discounting within a response, as in the N+ details and trl
-    lam: float = 1.0                   # GAE λ. Not the N+ details' 0.95, which did worse here (README): our value
+    lam: float = 1.0                   # GAE λ. Not the N+ details' 0.95 (docs/experiments.md#lambda): our value
                                        # model explains little of the returns for the first part of a run (it must
                                        # learn the RM's verdict on a whole story), and with V ≈ 0, λ = 0.95 weighs a
                                        # byte 50 before the end by 0.95^50 ≈ 0.08: the first sentence (animal,

@@ -45,7 +45,7 @@ class Config:
     warmup_steps: int = 20
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    eval_interval: int = 500          # steps between val-accuracy evals (each costs ~4 s on a laptop CPU)
+    eval_interval: int = 500          # steps between val-accuracy evals (each scores every val ranking)
     max_new_tokens: int = 128         # response length for the agreement samples
     seed: int = 1337
     device: str = "auto"
@@ -198,9 +198,8 @@ def main(cfg: Config) -> dict:
     # N+ details (Huang et al. 2024) init the head with std 1/sqrt(fan_in + 1) so initial rewards have unit-ish scale.
     torch.nn.init.normal_(model.score_head.weight, std=1 / (model.score_head.in_features + 1) ** 0.5)
     # Only the top blocks train. The lowest one already reads bytes into words for SFT, and a frozen block needs no
-    # backward pass, so the RM reads more rankings in its time budget, which is what its accuracy grows with (README,
-    # the reward model's "What helped"). Freezing 2 of 4 is ~20% faster again but scored 3 points lower over three
-    # seeds (val rankings, and agreement with the labeler); freezing none, 0.705.
+    # backward pass, so the RM reads more rankings in its time budget, which is what its accuracy grows with; how
+    # many blocks to freeze is measured in docs/experiments.md#reward-model.
     if not 0 <= cfg.freeze_layers < model.config.n_layer:
         raise ValueError(f"freeze_layers={cfg.freeze_layers}: must leave at least one of the model's "
                          f"{model.config.n_layer} blocks to train")

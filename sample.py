@@ -81,7 +81,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None,
     logprobs = F.log_softmax(logits, dim=-1)  # (B, V), renormalised over the kept tokens
     # Inverse-CDF sampling: one uniform u per row, and the token is the first whose cumulative probability exceeds
     # u * total. Unlike torch.multinomial it never syncs with the host on CUDA, and it needs B random numbers where
-    # the Gumbel-max trick needs B*V (6x faster on CPU at GPT-2's vocabulary). u < 1 keeps u * total below the
+    # the Gumbel-max trick needs B*V (much cheaper at GPT-2's vocabulary). u < 1 keeps u * total below the
     # last cumsum, and a zero-probability token adds no width to the CDF, so it is never the first to exceed it.
     cdf = logprobs.exp().cumsum(-1)  # (B, V)
     if u is None:
@@ -109,11 +109,11 @@ def left_pad(prompts, width, pad_id):
 def prefill(model, prompt_tokens, prompt_mask, prompt_lengths, cache, dtype, min_rows=8, max_buckets=4):
     """Run the left-padded prompts (B, P) through the model, filling cache slots 0..P-1, and return the logits that
     predict the first new token (B, V). Response slots are still False in the mask, so they stay invisible.
-    Padding costs as much compute as real tokens, and prefill is ~20% of a generate() call at GPT-2 small, batch
-    32 (bench.py). So rather than one forward over the whole padded batch, the rows, sorted by prompt length, go
-    through in up to max_buckets forwards of at least min_rows rows each, each cut to its own longest prompt
-    (bench.py's batch of 32 prompts of 32-64 tokens: 1,544 positions instead of 1,984). A group fills a small cache
-    of its own, copied into the big one at its rows. max_buckets=1 is the single padded forward.
+    Padding costs as much compute as real tokens, and prefill is a real share of a generate() call at GPT-2 small,
+    batch 32 (docs/experiments.md#speed). So rather than one forward over the whole padded batch, the rows, sorted
+    by prompt length, go through in up to max_buckets forwards of at least min_rows rows each, each cut to its own
+    longest prompt (bench.py's batch of 32 prompts of 32-64 tokens: 1,544 positions instead of 1,984). A group fills
+    a small cache of its own, copied into the big one at its rows. max_buckets=1 is the single padded forward.
     prompt_lengths (B,) is a CPU tensor: the caller knows the lengths on the host, and reading them back from the
     device mask would stall a CUDA stream."""
     B, P = prompt_tokens.shape

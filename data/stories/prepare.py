@@ -1,5 +1,5 @@
 """
-The built-in task: generate every data file of the pipeline from a seed, offline, in a few seconds.
+The built-in task: generate every data file of the pipeline from a seed, offline.
     python data/stories/prepare.py [--out DIR] [--seed N]        (DIR defaults to this folder)
 A noisy "writer" stands in for InstructGPT's demonstrators: it always writes fluent stories in the task's grammar
 (see labeler.py) but honours each attribute of the instruction only some of the time, as real demonstrations are
@@ -114,8 +114,7 @@ def main(out=HERE, seed=1337, scale=1.0, n_prefs=None, n_demos=None):
         rows[f"sft_{split}"] = [{"prompt": prompt_of(w), "response": write_story(w, DEMO_NOISE, rng)} for w in wants]
         # -- preferences: K responses from writers of random skill, ranked by the labeler. No two may tie: a tied pair
         # has no preference (the RM's val accuracy is "ties excluded"), yet a ranking lists it in some order, which
-        # trained the RM on coin flips (6% of pairs) and scored it on them. A response that ties one already drawn
-        # is drawn again.
+        # would train the RM on coin flips and score it on them. A response that ties one already drawn is drawn again.
         prefs = []
         while len(prefs) < sizes["prefs"][i]:
             want = rng.choice(pool)
@@ -126,10 +125,9 @@ def main(out=HERE, seed=1337, scale=1.0, n_prefs=None, n_demos=None):
                 noise = dict(animal=skill, colour=skill, mood=skill, count=skill, repeat=(1 - skill) / 4,
                              cut=0.05)
                 # The K responses share their content words, so that what differs is mostly what the labeler
-                # checks (near-minimal pairs). The animal goes wrong as often as any attribute (~35% of responses):
-                # with half as many wrong animals our 2-minute RM never learned to compare the response's animal
-                # with the prompt's (animal-only pairs at 0.38-0.66); with these it learns to (0.81-0.90 over
-                # 3 seeds; README).
+                # checks (near-minimal pairs). The animal goes wrong as often as any attribute: with half as many
+                # wrong animals our small RM never learned to compare the response's animal with the prompt's
+                # (docs/experiments.md#reward-model).
                 response = write_story(want, noise, rng, random.Random(content_seed))
                 response_score = labeler.score(prompt, response)
                 if response_score not in scores:
@@ -180,7 +178,7 @@ if __name__ == "__main__":
     except ValueError as e:  # bad input: one line, no traceback
         parser.error(str(e))
 
-# Expected output (seed 1337, ~4 s on a laptop CPU, most of it importing torch through common.py):
+# Expected output (seed 1337):
 # prefs_train.jsonl        5,000 rows
 # prefs_val.jsonl            300 rows
 # pretrain_train.jsonl    20,000 rows
