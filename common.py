@@ -290,6 +290,16 @@ def write_json(path, obj, indent=2):
     with atomic_write(path) as f:
         json.dump(obj, f, indent=indent, ensure_ascii=False)
 
+def read_json(path):
+    """Read one JSON document; a missing or damaged file is a one-line error naming it."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({getattr(e, 'msg', e.reason)})") from None
+
 def download(url, path):
     """Fetch `url` to `path` with the standard library. Bytes go to `path.part` and are renamed only when the
     whole file has arrived, so an interrupted download never leaves a file that looks complete."""

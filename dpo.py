@@ -52,9 +52,8 @@ class Config:
 def check_config(cfg):
     """Every setting's range and every input file, checked before anything runs: one place, so new keys go here."""
     check_range(cfg, ("batch_size", "epochs", "eval_interval", "n_val"), 1)
-    check_range(cfg, ("group_by_length", "warmup_steps", "weight_decay", "grad_clip"), 0)
-    # β divides the reward in DPO's optimal policy
-    check_range(cfg, ("beta", "lr"), 0, strict=True)
+    check_range(cfg, ("lr", "group_by_length", "warmup_steps", "weight_decay", "grad_clip"), 0)
+    check_range(cfg, ("beta",), 0, strict=True)  # β divides the reward in DPO's optimal policy
     for path in (cfg.data, cfg.val_data or val_path_for(cfg.data)):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such file")

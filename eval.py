@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from common import get_tokenizer, load_labeler, read_jsonl, run, set_seed, setup_device
+from common import (atomic_write, check_range, get_tokenizer, load_labeler, read_json, read_jsonl, run, set_seed,
+                    setup_device, write_json)
 from model import load_model, response_logprobs
 from reward import encode_for_scoring, score
 from sample import best_of_n, generate
@@ -38,6 +39,12 @@ class Config:
     seed: int = 1337
     device: str = "auto"
     dtype: str = "auto"
+
+def check_config(cfg):
+    """Every setting's range, checked before anything runs: one place, so new keys go here."""
+    check_range(cfg, ("n_eval", "best_of", "max_new_tokens"), 1)
+    check_range(cfg, ("few_shot",), 0)
+    check_range(cfg, ("temperature",), 0, strict=True)  # KL(π || π_SFT) reads log-probs at this temperature
 
 # ----------------------------------------------------------------------------- the judges
 
@@ -88,13 +95,10 @@ def sft_side_cached(sft_policy, reward_model, tokenizer, prompts, cfg, ctx, sft_
     digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
     path = os.path.join(os.path.dirname(files[0]), f"eval_sft_{digest}.json")
     if os.path.exists(path):
-        with open(path) as f:
-            cached = json.load(f)
+        cached = read_json(path)
         return cached["texts"], torch.tensor(cached["rm_scores"])  # float32, as computed: the same numbers
     texts, rm_scores, _ = sample_and_score(sft_policy, reward_model, tokenizer, prompts, cfg, ctx)
-    with open(path + ".tmp", "w") as f:
-        json.dump({"texts": texts, "rm_scores": rm_scores.tolist()}, f)
-    os.replace(path + ".tmp", path)  # atomic: a reader never sees half a file
+    write_json(path, {"texts": texts, "rm_scores": rm_scores.tolist()}, indent=None)  # a reader never sees half
     return texts, rm_scores
 
 @torch.no_grad()
@@ -134,10 +138,8 @@ def evaluate(policy, sft_policy, reward_model, tokenizer, prompts, labeler, cfg,
 
 def save_eval(out_dir, result, texts, prompts, n_show=3):
     """eval.json and samples.json into out_dir, and the first few samples side by side on stdout."""
-    with open(os.path.join(out_dir, "eval.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    with open(os.path.join(out_dir, "samples.json"), "w") as f:
-        json.dump({"prompts": prompts, **texts}, f, indent=1)
+    write_json(os.path.join(out_dir, "eval.json"), result)
+    write_json(os.path.join(out_dir, "samples.json"), {"prompts": prompts, **texts}, indent=1)
     for i in range(min(n_show, len(prompts))):  # reading samples is the best RLHF debugger
         tqdm.write(f"  prompt: {prompts[i].strip()}\n    SFT: {texts['sft'][i]}\n    PPO: {texts['ppo'][i]}")
 
@@ -158,16 +160,14 @@ def write_report(out_root="out"):
     for name, run_name in rows:
         path = os.path.join(out_root, run_name, "eval.json")
         if os.path.exists(path):
-            with open(path) as f:
-                e = json.load(f)
+            e = read_json(path)
             lines.append(f"| {name} | {fmt(e['labeler_score_ppo'])} | {fmt(e['win_rate_labeler'])} | "
                          f"{fmt(e['heldout_win_rate_labeler'])} | {fmt(e['rm_score_ppo'])} | {fmt(e['kl_ppo_sft'])} |")
             if run_name.startswith("sweep") or run_name in ("eval_sft", "ppo"):  # SFT is the sweep's KL = 0 end
                 sweep.append((e["kl_ppo_sft"], e["rm_score_ppo"], e["labeler_score_ppo"]))
     samples_path = os.path.join(out_root, "ppo", "samples.json")
     if os.path.exists(samples_path):
-        with open(samples_path) as f:
-            samples = json.load(f)
+        samples = read_json(samples_path)
         lines += ["", "## Side by side (same prompt, same seed)", ""]
         for i in range(min(5, len(samples["prompts"]))):
             lines += [f"- **{samples['prompts'][i].strip()}**", f"  - SFT: {samples['sft'][i]}",
@@ -185,7 +185,8 @@ def write_report(out_root="out"):
                 ax.plot([r["step"] for r in records], [r.get(key) for r in records])
                 ax.set(title=key, xlabel="PPO iteration")
             fig.tight_layout()
-            fig.savefig(os.path.join(out_root, "ppo_curves.png"))
+            with atomic_write(os.path.join(out_root, "ppo_curves.png"), "wb") as f:
+                fig.savefig(f, format="png")
             lines += ["", "![PPO curves](ppo_curves.png)"]
         if len(sweep) > 2:  # SFT and PPO alone are no sweep
             sweep.sort()
@@ -197,12 +198,13 @@ def write_report(out_root="out"):
             ax2.set(ylabel="labeler score")
             fig.legend(loc="upper center")
             fig.tight_layout()
-            fig.savefig(os.path.join(out_root, "overoptimization.png"))
+            with atomic_write(os.path.join(out_root, "overoptimization.png"), "wb") as f:
+                fig.savefig(f, format="png")
             lines += ["", "![over-optimisation](overoptimization.png)"]
     except ImportError:
         lines += ["", "(install matplotlib for figures)"]
     text = "\n".join(lines) + "\n"
-    with open(os.path.join(out_root, "report.md"), "w") as f:
+    with atomic_write(os.path.join(out_root, "report.md")) as f:
         f.write(text)
     print(text)
 
@@ -211,6 +213,7 @@ def write_report(out_root="out"):
 def main(cfg: Config) -> dict:
     if cfg.report:
         return write_report(os.path.dirname(cfg.out_dir) or "out")
+    check_config(cfg)
     set_seed(cfg.seed)
     device, dtype, ctx = setup_device(cfg.device, cfg.dtype)
     os.makedirs(cfg.out_dir, exist_ok=True)

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from common import download, load_checkpoint
+from common import atomic_write, download, load_checkpoint, write_json
 
 @dataclass
 class GPTConfig:
@@ -300,8 +300,7 @@ class GPT(nn.Module):
         tensors = {name: p.t() if name.endswith(conv1d) else p for name, p in self.transformer.named_parameters()}
         os.makedirs(folder, exist_ok=True)
         write_safetensors(os.path.join(folder, "model.safetensors"), tensors, {"format": "pt"})
-        with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump(hf, f, indent=2)
+        write_json(os.path.join(folder, "config.json"), hf)
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
@@ -344,7 +343,7 @@ def read_safetensors(path):
 def write_safetensors(path, tensors, metadata=None):
     """The writer for read_safetensors' format, all tensors as fp32: the JSON header (padded with spaces to a multiple
     of 8 bytes, as the reference writer does, so the data block stays aligned), then each tensor's little-endian bytes.
-    Written to a temp file and renamed, like every checkpoint."""
+    Written atomically (common.atomic_write), like every checkpoint."""
     header, blobs, offset = {"__metadata__": metadata or {}}, [], 0
     for name, t in tensors.items():
         blob = t.detach().float().cpu().contiguous().numpy().astype("<f4").tobytes()
@@ -353,12 +352,10 @@ def write_safetensors(path, tensors, metadata=None):
         offset += len(blob)
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb") as f:
         f.write(len(text).to_bytes(8, "little") + text)
         for blob in blobs:
             f.write(blob)
-    os.replace(tmp, path)
 
 def load_model(source, kind="policy"):
     """A model from a GPT-2 name, a HF folder, or a nanoInstruct checkpoint (file or run folder).

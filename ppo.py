@@ -11,7 +11,6 @@ Shape letters: B rollouts per iteration, P (padded) prompt length, R response le
 How ours differs from the paper: InstructGPT's β is fixed at 0.02; ours defaults to the adaptive controller of
 Ziegler et al. (2019), because the right β depends on the reward model's scale, which for our tiny RM is not theirs.
 """
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -20,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (get_tokenizer, load_checkpoint, load_labeler, log, peak_memory, read_jsonl, run, save_checkpoint,
-                    set_seed, setup_device, val_path_for)
+from common import (check_finite, check_range, get_tokenizer, load_labeler, log, peak_memory, prepare_run_dir,
+                    read_json, read_jsonl, resume_checkpoint, run, save_checkpoint, set_seed, setup_device,
+                    val_path_for)
 from eval import evaluate, save_eval, sft_side_cached
 from model import GPT, disable_dropout, load_model, response_logprobs, response_values
 from reward import score
@@ -81,6 +81,7 @@ class Config:
     save_interval: int = 10
     seed: int = 1337
     resume: bool = False
+    overwrite: bool = False            # replace the run in out_dir (without it or --resume, a saved run is refused)
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False              # torch.compile the training forwards of π and V (sampling stays eager)
@@ -88,6 +89,17 @@ class Config:
     micro_batch_size: int = 0          # rows per forward and backward (0 = a whole minibatch): changes memory,
                                        # not results (gradients accumulate over a minibatch's micro-batches)
     grad_checkpoint: bool = False      # recompute each block's activations in the backward pass, to save memory
+
+def check_config(cfg):
+    """Every setting's range, checked before anything runs: one place, so new keys go here."""
+    check_range(cfg, ("n_iters", "batch_size", "max_new_tokens", "kl_horizon", "ppo_epochs", "n_minibatches",
+                      "ptx_batch_size", "eval_interval", "n_eval", "save_interval"), 1)
+    # temperature 0 (greedy) has no log-probs to take a ratio of: the recomputed ones divide by it
+    check_range(cfg, ("temperature", "target_kl", "cliprange", "cliprange_value"), 0, strict=True)
+    check_range(cfg, ("lr", "init_kl_coef", "vf_coef", "grad_clip", "ptx_coef", "micro_batch_size"), 0)
+    check_range(cfg, ("gamma", "lam"), 0, high=1)
+    if cfg.batch_size % cfg.n_minibatches:  # every minibatch the same size, none left over
+        raise ValueError(f"--n_minibatches={cfg.n_minibatches}: must divide --batch_size={cfg.batch_size}")
 
 # ----------------------------------------------------------------------------- the math (tests import these)
 
@@ -207,24 +219,26 @@ def save_run(path, cfg, tokenizer_name, policy, value_model, optimizer, rngs, kl
         "tokenizer": tokenizer_name, "step": iteration, "config": asdict(cfg), "value_model": value_model.state_dict(),
         "optimizer": optimizer.state_dict(), **{k: g.get_state() for k, g in rngs.items()}, "kl_coef": kl_coef})
 
-def resume_run(path, policy, value_model, optimizer, rngs):
-    """Load what save_run wrote into the models, Adam and the RNGs; returns (β, the iteration to continue from)."""
-    ckpt = load_checkpoint(path, "policy")
+def resume_run(out_dir, policy, value_model, optimizer, rngs):
+    """Load what save_run wrote into the models, Adam and the RNGs; returns (β, the iteration to continue from).
+    Another stage's policy checkpoint (no value model) is a one-line error, not a KeyError."""
+    ckpt = resume_checkpoint(out_dir, ("value_model", "kl_coef", *rngs))
     policy.load_state_dict(ckpt["model"])
     value_model.load_state_dict(ckpt["value_model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     for k, generator in rngs.items():
         generator.set_state(ckpt[k])
-    print(f"resumed from {path} at iteration {ckpt['step']}")
+    print(f"resumed from {out_dir} at iteration {ckpt['step']}")
     return ckpt["kl_coef"], ckpt["step"]
 
 # ----------------------------------------------------------------------------- config -> models -> data -> loop -> save
 
 def main(cfg: Config) -> dict:
+    check_config(cfg)
+    prepare_run_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
     set_seed(cfg.seed)
     device, dtype, ctx = setup_device(cfg.device, cfg.dtype, cfg.compile)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    os.makedirs(cfg.out_dir, exist_ok=True)
     policy, ref_policy, reward_model, value_model, tokenizer_name = load_models(cfg, device)
     tokenizer, block_size = get_tokenizer(tokenizer_name), policy.config.block_size
 
@@ -248,7 +262,7 @@ def main(cfg: Config) -> dict:
     rngs = {"prompt_rng": prompt_rng, "gen_rng": gen_rng}
     kl_coef, start_iter = cfg.init_kl_coef, 0
     if cfg.resume:
-        kl_coef, start_iter = resume_run(ckpt_path, policy, value_model, optimizer, rngs)
+        kl_coef, start_iter = resume_run(cfg.out_dir, policy, value_model, optimizer, rngs)
 
     # the SFT model's side of every evaluation: the same samples each time, so generated once (or read from cache)
     sft_side = sft_side_cached(ref_policy, reward_model, tokenizer, val_prompts, cfg, ctx, cfg.sft, cfg.reward)
@@ -366,6 +380,7 @@ def main(cfg: Config) -> dict:
                   "response/length": response_mask.sum(1).float().mean().item(),
                   "response/eos_share": has_eos.float().mean().item(), "time/rollout_s": t_rollout,
                   "time/iteration_s": time.time() - t0, **peak_memory(device)}
+        check_finite(f"iteration {iteration + 1}", record)  # before this iteration's model can be saved
         if labeler is not None:  # the gold judge's view of the same samples (the policy sees it only with gold_reward)
             record["objective/labeler_score"] = sum(map(labeler.score, batch_prompts, texts)) / len(texts)
         bar.set_postfix_str(f"score {record['objective/scores']:+.2f} | kl {mean_kl:.2f} | β {kl_coef:.3f}"
@@ -377,8 +392,7 @@ def main(cfg: Config) -> dict:
         if (iteration + 1) % cfg.save_interval == 0 or iteration + 1 == cfg.n_iters:
             save_run(ckpt_path, cfg, tokenizer_name, policy, value_model, optimizer, rngs, kl_coef, iteration + 1)
     bar.close()
-    with open(os.path.join(cfg.out_dir, "eval.json")) as f:
-        return json.load(f)
+    return read_json(os.path.join(cfg.out_dir, "eval.json"))
 
 if __name__ == "__main__":
     run(main, Config)

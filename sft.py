@@ -58,8 +58,7 @@ def check_config(cfg):
     """Every setting's range and every input file, checked before anything runs: one place, so new keys go here."""
     check_range(cfg, ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum", "max_steps",
                       "eval_interval", "eval_batches"), 1)
-    check_range(cfg, ("lr",), 0, strict=True)
-    check_range(cfg, ("warmup_steps", "weight_decay", "grad_clip"), 0)
+    check_range(cfg, ("lr", "warmup_steps", "weight_decay", "grad_clip"), 0)
     check_range(cfg, ("dropout", "min_lr_ratio"), 0, high=1)
     if cfg.mode not in ("sft", "pretrain"):
         raise ValueError(f"--mode={cfg.mode}: expected 'sft' or 'pretrain'")
