@@ -113,7 +113,7 @@ def main(cfg: Config) -> dict:
 
     @torch.no_grad()
     def evaluate():
-        """The implicit reward margin r_w - r_l, averaged over held-out pairs, and the share of pairs it orders right."""
+        """The implicit reward margin r_w - r_l, averaged over held-out pairs, and the share of pairs ordered right."""
         policy.eval()
         margins = []
         for i in range(0, len(val), cfg.batch_size):

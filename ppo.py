@@ -4,6 +4,8 @@ per-token KL penalty to the frozen SFT model, and optionally the pretraining los
 Four models: the policy π (trained, from SFT), the reference π_ref (frozen SFT), the reward model r (frozen), and
 the value model V (trained, initialised from the reward model as in the paper). One iteration:
   rollout (sample.generate) -> score (RM, EOS trick) -> rewards (score - β·KL per token) -> GAE -> PPO epochs.
+Critic-free (--advantage=rloo or grpo): no value model at all. Each prompt gets --samples_per_prompt responses, and a
+response's advantage is its reward against its siblings' (critic_free_advantages); the PPO epochs stay the same.
 At its evaluations, eval.py's evaluate() compares π with the SFT model on val prompts (out/<run>/eval.json).
     python ppo.py --sft=out/sft --reward=out/rm --prompts=data/stories/prompts_train.jsonl --out_dir=out/ppo
 
@@ -53,6 +55,10 @@ class Config:
     whiten_rewards: bool = True        # N+ details: whiten RM scores per batch (β and the value clip see unit scale)
     gold_reward: bool = False          # built-in task: score rollouts with the labeler itself, a perfect RM, to see
                                        # how far PPO gets when the RM is not what limits it (the RM still evaluates)
+    # the advantage: GAE on a learned value model (InstructGPT), or a critic-free baseline from sibling samples
+    advantage: str = "gae"             # "gae", "rloo" (Ahmadian et al. 2024) or "grpo" (Shao et al. 2024)
+    samples_per_prompt: int = 1        # k responses to each prompt per batch (batch_size / k prompts); rloo and
+                                       # grpo need k >= 2, and compare each response with the other k - 1
     # PPO
     ppo_epochs: int = 2                # passes over each batch (N+ details use 4; 2 halves our CPU time)
     n_minibatches: int = 2             # per epoch: 2 of 32 rollouts, 4 optimizer steps per iteration. Fewer, less
@@ -100,6 +106,12 @@ def check_config(cfg):
     check_range(cfg, ("gamma", "lam"), 0, high=1)
     if cfg.batch_size % cfg.n_minibatches:  # every minibatch the same size, none left over
         raise ValueError(f"--n_minibatches={cfg.n_minibatches}: must divide --batch_size={cfg.batch_size}")
+    if cfg.advantage not in ("gae", "rloo", "grpo"):
+        raise ValueError(f"--advantage={cfg.advantage}: expected gae, rloo or grpo")
+    k = cfg.samples_per_prompt  # a critic-free baseline compares each response with the other k - 1
+    if k < (1 if cfg.advantage == "gae" else 2) or cfg.batch_size % k:
+        raise ValueError(f"--samples_per_prompt={k}: must divide --batch_size={cfg.batch_size}, and be >= 2 for "
+                         f"--advantage={cfg.advantage}")
 
 # ----------------------------------------------------------------------------- the math (tests import these)
 
@@ -142,6 +154,24 @@ def compute_gae(rewards, values, response_mask, gamma, lam):
         advantages[:, t] = next_advantage
     return advantages, advantages + values
 
+def loo_baseline(seq_rewards, k):  # (B,) in groups of k consecutive samples of one prompt -> (B,)
+    """RLOO's baseline (Ahmadian et al. 2024, §3.2, after Kool et al. 2019): each sample's is the mean reward of the
+    other k - 1 samples of its prompt. Leaving the sample out keeps the baseline independent of its own action, so
+    the policy gradient stays unbiased; as a sum: (group total - own reward) / (k - 1)."""
+    grouped = seq_rewards.view(-1, k)  # (B/k, k)
+    return ((grouped.sum(1, keepdim=True) - grouped) / (k - 1)).flatten()
+
+def critic_free_advantages(seq_rewards, k, kind):  # (B,) in groups of k -> (B,), one advantage per response
+    """The whole response is one action (Ahmadian et al. 2024, §3.1), so its advantage is one number, which the
+    caller broadcasts over its tokens. rloo: R - the leave-one-out baseline. grpo: the group's z-score (R - mean) / std
+    (Shao et al. 2024, §4.1.2, "outcome supervision"). Our "GRPO" differs from theirs in two ways, to change only the
+    advantage between our arms: the KL to π_ref stays in the reward (theirs is a k3 term in the loss), and the loss
+    averages over all tokens of the batch (theirs over each response's tokens, then over responses)."""
+    if kind == "rloo":
+        return seq_rewards - loo_baseline(seq_rewards, k)
+    grouped = seq_rewards.view(-1, k)  # (B/k, k)
+    return ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-8)).flatten()
+
 def policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
     """PPO's clipped surrogate (Schulman et al. 2017, eq. (7)), as a loss to minimise, plus stats."""
     ratio = torch.exp(logprobs - old_logprobs)
@@ -173,28 +203,33 @@ def explained_variance(returns, values, mask):
 # ----------------------------------------------------------------------------- plumbing: models and prompts
 
 def load_models(cfg, device):
-    """The four models: π and π_ref from the SFT checkpoint, the RM, and V from the RM. -> models, tokenizer name."""
+    """The four models: π and π_ref from the SFT checkpoint, the RM, and V from the RM (None with a critic-free
+    --advantage: no value model is built at all). -> models, tokenizer name."""
     ref_policy, sft_ckpt = load_model(cfg.sft, kind="policy")
     policy, _ = load_model(cfg.sft, kind="policy")
     reward_model, rm_ckpt = load_model(cfg.reward, kind="reward")
     if rm_ckpt["tokenizer"] != sft_ckpt["tokenizer"]:
         raise ValueError(f"{cfg.reward}: tokenizer {rm_ckpt['tokenizer']} differs from {cfg.sft}'s "
                          f"{sft_ckpt['tokenizer']}")
-    value_model = GPT.from_checkpoint(rm_ckpt, cfg.reward)  # InstructGPT §3.5: the value function starts as the RM
-    # Deviation: we keep the RM's trunk but zero its head. The RM's head was trained only at end-of-text tokens and on
-    # the RM's raw scale; with whitened scores its outputs elsewhere are noise that GAE would turn into advantages.
-    torch.nn.init.zeros_(value_model.score_head.weight)
-    torch.nn.init.zeros_(value_model.score_head.bias)
+    value_model = None
+    if cfg.advantage == "gae":
+        value_model = GPT.from_checkpoint(rm_ckpt, cfg.reward)  # InstructGPT §3.5: the value function starts as the RM
+        # Deviation: we keep the RM's trunk but zero its head. The RM's head was trained only at end-of-text tokens and
+        # on the RM's raw scale; with whitened scores its outputs elsewhere are noise GAE would turn into advantages.
+        torch.nn.init.zeros_(value_model.score_head.weight)
+        torch.nn.init.zeros_(value_model.score_head.bias)
     # N+ details: no dropout in any of the four models, whatever the checkpoints were trained with, so train() and
     # eval() compute the same log-probs and the first minibatch's ratio is exactly 1
-    for model in (policy, ref_policy, reward_model, value_model):
-        disable_dropout(model).grad_checkpoint = cfg.grad_checkpoint
+    models = {"policy": policy, "reference": ref_policy, "reward": reward_model, "value": value_model}
+    for model in models.values():
+        if model is not None:
+            disable_dropout(model).grad_checkpoint = cfg.grad_checkpoint
     for model in (ref_policy, reward_model):
         model.to(device).eval().requires_grad_(False)
-    policy.to(device).train()
-    value_model.to(device).train()
-    print("parameters: " + " | ".join(f"{name} {m.num_params():,}" for name, m in (
-        ("policy", policy), ("reference", ref_policy), ("reward", reward_model), ("value", value_model))))
+    for model in (policy, value_model):
+        if model is not None:
+            model.to(device).train()
+    print("parameters: " + " | ".join(f"{name} {m.num_params():,}" for name, m in models.items() if m is not None))
     return policy, ref_policy, reward_model, value_model, sft_ckpt["tokenizer"]
 
 def load_prompts(path, tokenizer, cfg, block_size, limit=None):
@@ -216,15 +251,17 @@ def save_run(path, cfg, tokenizer_name, policy, value_model, optimizer, rngs, kl
     """Everything --resume needs to continue exactly where the run stopped: both models, Adam, the RNGs and β."""
     save_checkpoint(path, {
         "kind": "policy", "model_config": asdict(policy.config), "model": policy.state_dict(),
-        "tokenizer": tokenizer_name, "step": iteration, "config": asdict(cfg), "value_model": value_model.state_dict(),
-        "optimizer": optimizer.state_dict(), **{k: g.get_state() for k, g in rngs.items()}, "kl_coef": kl_coef})
+        "tokenizer": tokenizer_name, "step": iteration, "config": asdict(cfg), "optimizer": optimizer.state_dict(),
+        **({"value_model": value_model.state_dict()} if value_model is not None else {}),  # none when critic-free
+        **{k: g.get_state() for k, g in rngs.items()}, "kl_coef": kl_coef})
 
 def resume_run(out_dir, policy, value_model, optimizer, rngs):
     """Load what save_run wrote into the models, Adam and the RNGs; returns (β, the iteration to continue from).
     Another stage's policy checkpoint (no value model) is a one-line error, not a KeyError."""
-    ckpt = resume_checkpoint(out_dir, ("value_model", "kl_coef", *rngs))
+    ckpt = resume_checkpoint(out_dir, ("value_model",) * (value_model is not None) + ("kl_coef", *rngs))
     policy.load_state_dict(ckpt["model"])
-    value_model.load_state_dict(ckpt["value_model"])
+    if value_model is not None:
+        value_model.load_state_dict(ckpt["value_model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     for k, generator in rngs.items():
         generator.set_state(ckpt[k])
@@ -236,6 +273,7 @@ def resume_run(out_dir, policy, value_model, optimizer, rngs):
 def main(cfg: Config) -> dict:
     check_config(cfg)
     prepare_run_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
+    has_critic, k = cfg.advantage == "gae", cfg.samples_per_prompt
     set_seed(cfg.seed)
     device, dtype, ctx = setup_device(cfg.device, cfg.dtype, cfg.compile)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
@@ -255,8 +293,8 @@ def main(cfg: Config) -> dict:
           + (f", {len(ptx):,} pretraining chunks for PPO-ptx" if ptx else "") + (", labeler found" if labeler else ""))
 
     # -- optimizer and the state we resume from. One Adam over π and V: their losses are added (vf_coef weighs V).
-    optimizer = torch.optim.AdamW(list(policy.parameters()) + list(value_model.parameters()), lr=cfg.lr,
-                                  eps=1e-5, weight_decay=0.0)
+    trained = [policy] + ([value_model] if has_critic else [])
+    optimizer = torch.optim.AdamW([p for m in trained for p in m.parameters()], lr=cfg.lr, eps=1e-5, weight_decay=0.0)
     prompt_rng = torch.Generator().manual_seed(cfg.seed)                 # which prompts, which minibatches
     gen_rng = torch.Generator(device=device).manual_seed(cfg.seed + 1)   # the sampler's draws
     rngs = {"prompt_rng": prompt_rng, "gen_rng": gen_rng}
@@ -279,7 +317,8 @@ def main(cfg: Config) -> dict:
         save_eval(cfg.out_dir, result, texts, val_prompts)
 
     # --compile wraps the training forwards; sampling (changing shapes) and saving use the raw modules
-    train_policy, train_value = (torch.compile(m, dynamic=True) if cfg.compile else m for m in (policy, value_model))
+    train_policy, train_value = (torch.compile(m, dynamic=True) if cfg.compile and m is not None else m
+                                 for m in (policy, value_model))
     mb_size = cfg.batch_size // cfg.n_minibatches
     micro_size = cfg.micro_batch_size or mb_size  # rows per forward + backward in the updates
     rows_per_forward = cfg.micro_batch_size or cfg.batch_size  # and in the no-grad forwards over the whole batch
@@ -291,7 +330,9 @@ def main(cfg: Config) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * (1 - iteration / cfg.n_iters)
         # ------------------------------------------------------------ 1. rollouts
-        batch_prompts = [prompts[i] for i in torch.randint(len(prompts), (cfg.batch_size,), generator=prompt_rng)]
+        # batch_size / k prompts, each k times in a row (k = 1 draws exactly the prompts it always did)
+        prompt_idx = torch.randint(len(prompts), (cfg.batch_size // k,), generator=prompt_rng).repeat_interleave(k)
+        batch_prompts = [prompts[i] for i in prompt_idx]
         policy.eval()
         with ctx:
             rollout = generate(policy, [tokenizer.encode_ordinary(p) for p in batch_prompts], cfg.max_new_tokens,
@@ -310,7 +351,8 @@ def main(cfg: Config) -> dict:
                 return torch.cat([fn(tokens[c], attention_mask[c]) for c in chunks])
             old_logprobs = no_grad_forward(lambda t, m: response_logprobs(train_policy, t, m, P, cfg.temperature)[0])
             ref_logprobs = no_grad_forward(lambda t, m: response_logprobs(ref_policy, t, m, P, cfg.temperature)[0])
-            old_values = no_grad_forward(lambda t, m: response_values(train_value, t, m, P))  # (B, R) V(s_t)
+            if has_critic:
+                old_values = no_grad_forward(lambda t, m: response_values(train_value, t, m, P))  # (B, R) V(s_t)
             if cfg.gold_reward:  # the labeler in the RM's place (its scores are in [0, 1]; whitening rescales them)
                 scores = torch.tensor(list(map(labeler.score, batch_prompts, texts)), device=device)  # (B,)
             else:
@@ -321,10 +363,15 @@ def main(cfg: Config) -> dict:
         # the RL reward: optionally whitened over the batch (the logs keep the raw scores, to see the RM's view)
         rl_scores = (scores - scores.mean()) / (scores.std(unbiased=False) + 1e-8) if cfg.whiten_rewards else scores
         rewards, kl = compute_rewards(rl_scores, old_logprobs, ref_logprobs, response_mask, kl_coef)  # (B, R)
-        advantages, returns = compute_gae(rewards, old_values, response_mask, cfg.gamma, cfg.lam)
-        advantages = masked_whiten(advantages, response_mask)  # N+ details: whitened per batch over real tokens
+        if has_critic:
+            advantages, returns = compute_gae(rewards, old_values, response_mask, cfg.gamma, cfg.lam)
+        else:  # as in Ahmadian et al.'s RLOO: the sequence's reward, score - β·KL(whole response), is one action's
+            advantages = critic_free_advantages(rewards.sum(1), k, cfg.advantage)[:, None] * response_mask  # (B, R)
+        # N+ details: whitened per batch over real tokens; critic-free too, so that our arms differ in the baseline only
+        advantages = masked_whiten(advantages, response_mask)
         # ------------------------------------------------------------ 5. PPO epochs over minibatches
-        stats = {"ptx_loss": []}  # the N+ details' metric names, less their "ppo/" prefix; lists of minibatch values
+        # the N+ details' metric names, less their "ppo/" prefix; lists of minibatch values (logged null when empty)
+        stats = {"ptx_loss": [], "loss/value_avg": [], "val/clipfrac_avg": []}
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(cfg.batch_size, generator=prompt_rng)
             for start in range(0, cfg.batch_size, mb_size):
@@ -340,19 +387,22 @@ def main(cfg: Config) -> dict:
                     with ctx:
                         mb_logprobs, mb_logits = response_logprobs(train_policy, tokens[micro], attention_mask[micro],
                                                                    P, cfg.temperature)
-                        mb_values = response_values(train_value, tokens[micro], attention_mask[micro], P)
                         pg_loss, clipfrac, approxkl = policy_loss(mb_logprobs, old_logprobs[micro], advantages[micro],
                                                                   mb_mask, cfg.cliprange)
-                        vf_loss, vf_clipfrac = value_loss(mb_values, old_values[micro], returns[micro], mb_mask,
-                                                          cfg.cliprange_value)
-                    ((pg_loss + cfg.vf_coef * vf_loss) * weight).backward()
+                        loss, micro_stats = pg_loss, {"loss/policy_avg": pg_loss}
+                        if has_critic:
+                            mb_values = response_values(train_value, tokens[micro], attention_mask[micro], P)
+                            vf_loss, vf_clipfrac = value_loss(mb_values, old_values[micro], returns[micro], mb_mask,
+                                                              cfg.cliprange_value)
+                            loss = loss + cfg.vf_coef * vf_loss
+                            micro_stats.update({"loss/value_avg": vf_loss, "val/clipfrac_avg": vf_clipfrac})
+                    (loss * weight).backward()
                     with torch.no_grad():
                         entropy = -(F.softmax(mb_logits, -1) * F.log_softmax(mb_logits, -1)).sum(-1)  # (micro, R)
-                    for k, v in (("policy/entropy_avg", masked_mean(entropy, mb_mask)),
-                                 ("policy/clipfrac_avg", clipfrac), ("policy/approxkl_avg", approxkl),
-                                 ("loss/policy_avg", pg_loss), ("loss/value_avg", vf_loss),
-                                 ("val/clipfrac_avg", vf_clipfrac)):
-                        mb_stats[k] = mb_stats.get(k, 0) + v.detach() * weight
+                    micro_stats.update({"policy/entropy_avg": masked_mean(entropy, mb_mask),
+                                        "policy/clipfrac_avg": clipfrac, "policy/approxkl_avg": approxkl})
+                    for key, v in micro_stats.items():
+                        mb_stats[key] = mb_stats.get(key, 0) + v.detach() * weight
                 if ptx:  # PPO-ptx: keep the pretraining distribution's likelihood up (InstructGPT eq. (2))
                     idx = torch.randint(len(ptx), (cfg.ptx_batch_size,), generator=prompt_rng)
                     x, y = make_batch([ptx[i] for i in idx], tokenizer.eot_token)
@@ -361,11 +411,11 @@ def main(cfg: Config) -> dict:
                     (cfg.ptx_coef * ptx_loss).backward()
                     stats["ptx_loss"].append(ptx_loss.detach())
                 # clip each model on its own: the value loss's large early gradients must not shrink π's step
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-                torch.nn.utils.clip_grad_norm_(value_model.parameters(), cfg.grad_clip)
+                for model in trained:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
-                for k, v in mb_stats.items():
-                    stats.setdefault(k, []).append(v)
+                for key, v in mb_stats.items():
+                    stats.setdefault(key, []).append(v)
         # ------------------------------------------------------------ adaptive KL (Ziegler et al. 2019, §2.2)
         mean_kl = kl.sum(1).mean().item()  # sync point: once per iteration
         rlhf_reward = (scores - kl_coef * kl.sum(1)).mean().item()  # with the β that built this batch's rewards
@@ -374,9 +424,10 @@ def main(cfg: Config) -> dict:
         # ------------------------------------------------------------ logging (the N+ details' metric names)
         record = {"step": iteration + 1, "objective/kl": mean_kl, "objective/scores": scores.mean().item(),
                   "objective/rlhf_reward": rlhf_reward, "objective/kl_coef": kl_coef,
-                  **{f"ppo/{k}": torch.stack(v).mean().item() if v else None for k, v in stats.items()},
+                  **{f"ppo/{key}": torch.stack(v).mean().item() if v else None for key, v in stats.items()},
                   "ppo/lr": optimizer.param_groups[0]["lr"],
-                  "ppo/val/explained_variance": explained_variance(returns, old_values, response_mask).item(),
+                  "ppo/val/explained_variance": explained_variance(returns, old_values, response_mask).item()
+                  if has_critic else None,
                   "response/length": response_mask.sum(1).float().mean().item(),
                   "response/eos_share": has_eos.float().mean().item(), "time/rollout_s": t_rollout,
                   "time/iteration_s": time.time() - t0, **peak_memory(device)}

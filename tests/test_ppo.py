@@ -178,6 +178,53 @@ def test_gae_with_lambda_one_is_return_minus_value():
 
 # ----------------------------------------------------------------------------- padding: no loss sees it
 
+# ----------------------------------------------------------------------------- critic-free: RLOO and "GRPO"
+
+def test_rloo_baseline_is_the_mean_of_the_other_samples_of_the_same_prompt():
+    """RLOO (Ahmadian et al. 2024, §3.2): with k samples of a prompt, sample i's baseline is the mean reward of the
+    other k - 1, checked against a slow loop over groups and members; the advantage is reward minus that. GRPO's
+    (Shao et al. 2024, §4.1.2) is the group's z-score, with the sample standard deviation."""
+    k, rewards = 4, torch.randn(12, generator=torch.Generator().manual_seed(0))  # 3 prompts x 4 samples, in a row
+    by_hand = []
+    for group in range(len(rewards) // k):
+        members = rewards[group * k:(group + 1) * k].tolist()
+        by_hand += [sum(r for j, r in enumerate(members) if j != i) / (k - 1) for i in range(k)]
+    torch.testing.assert_close(ppo.loo_baseline(rewards, k), torch.tensor(by_hand), atol=1e-6, rtol=0)  # fp32
+    torch.testing.assert_close(ppo.critic_free_advantages(rewards, k, "rloo"), rewards - torch.tensor(by_hand),
+                               atol=1e-6, rtol=0)
+    grpo = ppo.critic_free_advantages(rewards, k, "grpo").view(-1, k)
+    torch.testing.assert_close(grpo.mean(1), torch.zeros(3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(grpo.std(1), torch.ones(3), atol=1e-5, rtol=0)
+
+def test_critic_free_run_trains_no_value_model_and_its_checkpoint_holds_none(tmp_path, monkeypatch):
+    """--advantage=rloo: each rollout batch holds every prompt 4 times in a row (the groups the baseline reads), and
+    no value model is built or trained. The run's checkpoint has no value_model, Adam holds state for the policy's
+    parameters alone, the value metrics are logged as null, and π has moved; --resume continues such a run. A
+    critic-free baseline with one sample per prompt is a one-line error."""
+    inputs = write_inputs(tmp_path, with_labeler=True)
+    cfg = tiny_config(tmp_path / "rloo", inputs, advantage="rloo", samples_per_prompt=4)
+    batches, real_generate = [], ppo.generate
+
+    def recording_generate(model, prompts, *args, **kwargs):  # the rollouts' prompts, batch by batch
+        batches.append(prompts)
+        return real_generate(model, prompts, *args, **kwargs)
+    monkeypatch.setattr(ppo, "generate", recording_generate)
+    ppo.main(cfg)
+    assert len(batches) == cfg.n_iters and all(b[i] == b[i - i % 4] for b in batches for i in range(len(b)))
+    ckpt = common.load_checkpoint(cfg.out_dir, "policy")
+    policy, _ = load_model(cfg.out_dir, kind="policy")
+    sft_policy, _ = load_model(inputs["sft"], kind="policy")
+    assert "value_model" not in ckpt
+    assert len(ckpt["optimizer"]["state"]) == len(list(policy.parameters()))
+    records = iteration_records(cfg.out_dir)
+    assert all(r["ppo/loss/value_avg"] is None and r["ppo/val/explained_variance"] is None for r in records)
+    assert all(math.isfinite(r["ppo/loss/policy_avg"]) for r in records)
+    assert not torch.equal(policy.lm_head.weight, sft_policy.lm_head.weight)
+    ppo.main(replace(cfg, n_iters=cfg.n_iters + 2, resume=True))
+    assert common.load_checkpoint(cfg.out_dir, "policy")["step"] == cfg.n_iters + 2
+    with pytest.raises(ValueError, match="samples_per_prompt"):
+        ppo.main(replace(cfg, out_dir=str(tmp_path / "bad"), samples_per_prompt=1))
+
 def test_masked_positions_contribute_nothing_to_any_loss():
     """Right padding after EOS holds whatever the forward produced there. Replacing log-probs, values, advantages
     and returns at masked positions with huge garbage must leave both PPO losses, their stats, masked_mean and
@@ -230,12 +277,14 @@ def test_score_lands_on_the_last_real_token_never_on_padding():
 
 # ----------------------------------------------------------------------------- learning
 
-def test_ppo_updates_raise_the_reward_on_a_toy_problem():
+@pytest.mark.parametrize("advantage", ["gae", "rloo", "grpo"])
+def test_ppo_updates_raise_the_reward_on_a_toy_problem(advantage):
     """The core loop of ppo.main with the RM replaced by a reward we can read: the number of lowercase letters in the
     response. Rollout -> compute_rewards (small β) -> compute_gae (V = 0) -> masked_whiten -> clipped surrogate
     (Schulman et al. 2017, eq. (7)) -> Adam. After 8 iterations of 16 rollouts the policy's own probability of a
     lowercase letter, measured on fresh samples, must rise from chance, 26/257 ≈ 0.10 per token, to over 0.3 (it
-    reached 0.49-0.63 over five model seeds; a large lr suits a 2-layer model)."""
+    reached 0.49-0.63 over five model seeds; a large lr suits a 2-layer model). The critic-free advantages (RLOO,
+    Ahmadian et al. 2024; GRPO, Shao et al. 2024) must get there too, with each response scored against 3 others."""
     policy = tiny_gpt()
     ref_policy, optimizer = copy.deepcopy(policy), torch.optim.Adam(policy.parameters(), lr=3e-2)
     is_lower = torch.zeros(TOKENIZER.n_vocab, dtype=torch.bool)
@@ -253,7 +302,10 @@ def test_ppo_updates_raise_the_reward_on_a_toy_problem():
         mask, P = out.response_mask, out.prompt_len
         scores = (is_lower[out.responses] & mask).sum(1).float()  # (B,) the toy reward
         rewards, _ = ppo.compute_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef=0.01)
-        advantages, _ = ppo.compute_gae(rewards, torch.zeros_like(rewards), mask, gamma=1.0, lam=0.95)
+        if advantage == "gae":
+            advantages, _ = ppo.compute_gae(rewards, torch.zeros_like(rewards), mask, gamma=1.0, lam=0.95)
+        else:  # groups of 4 consecutive rollouts (other prompts, but this toy reward ignores the prompt)
+            advantages = ppo.critic_free_advantages(rewards.sum(1), 4, advantage)[:, None] * mask
         advantages = ppo.masked_whiten(advantages, mask)
         for _ in range(4):  # PPO epochs over the whole batch
             logprobs, _ = ppo.response_logprobs(policy, out.tokens, out.attention_mask, P, 1.0)
