@@ -41,6 +41,7 @@ class Config:
     freeze_layers: int = 1            # the embeddings and this many lowest blocks keep their SFT weights
     group_by_length: int = 8          # batches per length-sorted group, to cut padding (0 = plain shuffle)
     epochs: int = 1                   # InstructGPT trains the RM for one epoch: more over-fits
+    max_steps: int = 0                # stop after this many batches (0 = all epochs); run.sh's SMOKE=1 check
     lr: float = 5e-4                  # InstructGPT's 6B RM used 9e-6; our tiny byte model wants far more
     warmup_steps: int = 20
     weight_decay: float = 0.0
@@ -252,6 +253,7 @@ def main(cfg: Config) -> dict:
     # with fewer rankings than processes would leave one with nothing to backpropagate, and is dropped.
     batches = length_grouped_batches(order, lengths, world_size * cfg.batch_size, cfg.group_by_length, rng)
     batches = [batch_idx for batch_idx in batches if len(batch_idx) >= world_size]
+    batches = batches[:cfg.max_steps] if cfg.max_steps > 0 else batches
     train_model = wrap_ddp(model, device)  # several processes: gradients averaged over them in backward
 
     def n_ranked(batch_idx):  # rankings that carry a preference: the loss is their mean (all ties carry none)

@@ -2,7 +2,7 @@
 # The whole InstructGPT pipeline on the built-in stories task, on a laptop CPU (~8-10 min on 2 cores):
 #     bash run.sh          # prepare -> pretrain -> SFT -> reward model -> PPO -> evaluation -> out/report.md
 #     bash run.sh full     # also PPO-ptx, PPO against the labeler, a sweep over β (over-optimisation), ~17 min more
-#     bash run.sh gpt2     # GPT-2 small on Alpaca/Dolly + HH-RLHF, for one GPU (see the README)
+#     bash run.sh gpt2     # GPT-2 small on HH-RLHF, for one GPU;  bash run.sh tldr: on OpenAI's TL;DR
 # Finished stages are skipped and interrupted ones resumed: delete out/<stage> to redo one. Device: automatic.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -11,18 +11,36 @@ D=data/stories
 # An interrupted stage picks up from its last checkpoint when run.sh is run again (same data order, same RNG state).
 resume() { [ -f "$1/ckpt.pt" ] && echo --resume || true; }
 
-if [ "$MODE" = gpt2 ]; then
-    # GPT-2 small on real data, on one GPU (untested here: this recipe's time and numbers are not measured yet)
-    python data/alpaca/prepare.py && python data/hh_rlhf/prepare.py
-    python sft.py --init=gpt2 --data=data/alpaca/sft_train.jsonl --out_dir=out/gpt2_sft --lr=2e-5 --max_steps=3000 \
-        --batch_size=16 --grad_accum=4 --warmup_steps=100 --eval_interval=250
-    python reward.py --init=out/gpt2_sft --data=data/hh_rlhf/prefs_train.jsonl --out_dir=out/gpt2_rm --lr=1e-5 \
-        --sft_data=data/hh_rlhf/sft_train.jsonl --prompts=data/hh_rlhf/prompts_val.jsonl --batch_size=32
-    python ppo.py --sft=out/gpt2_sft --reward=out/gpt2_rm --prompts=data/hh_rlhf/prompts_train.jsonl \
-        --out_dir=out/gpt2_ppo --skip_long_prompts --max_new_tokens=128 --temperature=0.7 --lr=1e-6 \
-        --target_kl=6 --n_iters=500 --batch_size=64 --ppo_epochs=4 --eval_interval=50 --n_eval=256
-    exit 0
-fi
+# -- real data, GPT-2 on one GPU: prepare -> SFT -> RM -> PPO (its eval.json has the labeler keys null). Env: MODEL
+# (GPT-2 name or HF folder), DATA_DIR (raw copies in DATA_DIR/<dataset>, else download), OUT, SMOKE=1 (CI's check).
+real() {  # RECIPE DATASET SFT_FLAGS RM_FLAGS PPO_FLAGS; one template renders the demos', pairs' and PPO's prompts
+    local R=${OUT:-out}/$1 D=${OUT:-out}/data/$2 S=("" "" "")
+    [ "${SMOKE:-0}" = 1 ] && S=("--max_steps=4 --batch_size=2 --grad_accum=1 --eval_interval=2 --eval_batches=1" \
+        "--max_steps=3 --batch_size=2 --n_normalize=4" "--n_iters=2 --batch_size=4 --ppo_epochs=1 --max_new_tokens=8 \
+        --n_eval=4 --eval_interval=2")  # a few steps on small batches, each stage: the plumbing, in CPU minutes
+    [ -f $D/prompts_train.jsonl ] || python data/$2/prepare.py --out=$D ${DATA_DIR:+--source=$DATA_DIR/$2}
+    python sft.py --init=${MODEL:-gpt2} --data=$D/sft_train.jsonl --out_dir=${R}_sft $3 ${S[0]} $(resume ${R}_sft)
+    [ -f ${R}_rm/ckpt.pt ] || python reward.py --init=${R}_sft --data=$D/prefs_train.jsonl --out_dir=${R}_rm $4 ${S[1]}
+    python ppo.py --sft=${R}_sft --reward=${R}_rm --prompts=$D/prompts_train.jsonl --out_dir=${R}_ppo \
+        --skip_long_prompts $5 ${S[2]} $(resume ${R}_ppo)
+}
+# SFT: the N+ details' sft.py defaults (Huang et al. 2024, for pythia-160m, GPT-2 small's size): lr 3e-6, cosine to 0,
+# no warmup, batch 128, one epoch. HH (Bai et al. 2022): RM as lm-human-preferences' GPT-2 (124M) one, lr 5e-5, batch
+# 32; PPO as trl's GPT-2 example (lr 1.41e-5 annealed, β 0.2 adapted to 6 nats over 10,000 rollouts, 4 epochs, λ 0.95)
+# and lm-human-preferences (temperature 0.7, whitened scores, -1 without end-of-text); 128-token replies as the N+
+# details' HH data. TL;DR (Stiennon et al. 2020), the N+ details: RM lr 3e-6, batch 64; PPO lr 3e-6, fixed β 0.05,
+# 4 epochs, λ 0.95, raw scores, temperature 0.7, -1 without end-of-text, 53 tokens. Both: RMs train every layer, one
+# epoch; PPO batch 64 (theirs 512, over 8 GPUs), HH ~one pass over its prompts, TL;DR 64k episodes (N+ details: 1M).
+SFT="--lr=3e-6 --min_lr_ratio=0 --warmup_steps=0 --batch_size=16 --grad_accum=8 --eval_interval=100"
+PPO="--ppo_epochs=4 --lam=0.95 --temperature=0.7 --no_eos_score=-1 --batch_size=64 --eval_interval=100 --n_eval=256"
+case $MODE in
+    gpt2) real gpt2 hh_rlhf "$SFT --max_steps=320" "--lr=5e-5 --batch_size=32 --freeze_layers=0" "$PPO \
+              --lr=1.41e-5 --init_kl_coef=0.2 --target_kl=6 --kl_horizon=10000 --max_new_tokens=128 --n_iters=600"
+          exit 0;;
+    tldr) real tldr tldr "$SFT --max_steps=900" "--lr=3e-6 --batch_size=64 --freeze_layers=0" "$PPO --lr=3e-6 \
+              --adaptive_kl=False --init_kl_coef=0.05 --whiten_rewards=False --max_new_tokens=53 --n_iters=1000"
+          exit 0;;
+esac
 
 # -- data: instructions, noisy demonstrations, K=4 rankings by the scripted labeler, prompts (deterministic)
 python $D/prepare.py
