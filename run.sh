@@ -12,12 +12,12 @@ D=data/stories
 resume() { [ -f "$1/ckpt.pt" ] && echo --resume || true; }
 
 # -- real data, GPT-2 on one GPU: prepare -> SFT -> RM -> PPO (its eval.json has the labeler keys null). Env: MODEL
-# (GPT-2 name or HF folder), DATA_DIR (raw copies in DATA_DIR/<dataset>, else download), OUT, SMOKE=1 (CI's check).
+# (GPT-2 name or HF folder), DATA_DIR (raw copies in DATA_DIR/<dataset>, else download), OUT, SMOKE=1 (CI: a few CPU steps).
 real() {  # RECIPE DATASET SFT_FLAGS RM_FLAGS PPO_FLAGS; one template renders the demos', pairs' and PPO's prompts
     local R=${OUT:-out}/$1 D=${OUT:-out}/data/$2 S=("" "" "")
     [ "${SMOKE:-0}" = 1 ] && S=("--max_steps=4 --batch_size=2 --grad_accum=1 --eval_interval=2 --eval_batches=1" \
-        "--max_steps=3 --batch_size=2 --n_normalize=4" "--n_iters=2 --batch_size=4 --ppo_epochs=1 --max_new_tokens=8 \
-        --n_eval=4 --eval_interval=2")  # a few steps on small batches, each stage: the plumbing, in CPU minutes
+        "--max_steps=3 --batch_size=2 --n_normalize=4" "--n_iters=2 --batch_size=4 --n_minibatches=2 --ppo_epochs=1 \
+        --micro_batch_size=1 --max_new_tokens=8 --n_eval=4 --eval_interval=2")  # a few steps each: the plumbing
     [ -f $D/prompts_train.jsonl ] || python data/$2/prepare.py --out=$D ${DATA_DIR:+--source=$DATA_DIR/$2}
     python sft.py --init=${MODEL:-gpt2} --data=$D/sft_train.jsonl --out_dir=${R}_sft $3 ${S[0]} $(resume ${R}_sft)
     [ -f ${R}_rm/ckpt.pt ] || python reward.py --init=${R}_sft --data=$D/prefs_train.jsonl --out_dir=${R}_rm $4 ${S[1]}
@@ -30,15 +30,18 @@ real() {  # RECIPE DATASET SFT_FLAGS RM_FLAGS PPO_FLAGS; one template renders th
 # and lm-human-preferences (temperature 0.7, whitened scores, -1 without end-of-text); 128-token replies as the N+
 # details' HH data. TL;DR (Stiennon et al. 2020), the N+ details: RM lr 3e-6, batch 64; PPO lr 3e-6, fixed β 0.05,
 # 4 epochs, λ 0.95, raw scores, temperature 0.7, -1 without end-of-text, 53 tokens. Both: RMs train every layer, one
-# epoch; PPO batch 64 (theirs 512, over 8 GPUs), HH ~one pass over its prompts, TL;DR 64k episodes (N+ details: 1M).
+# epoch; PPO on batches of 512 in one minibatch (all three), in micro-batches that fit one GPU; HH ~one pass over its
+# prompts (80 iterations), TL;DR 128k episodes (the N+ details ran 1M on 8 GPUs).
 SFT="--lr=3e-6 --min_lr_ratio=0 --warmup_steps=0 --batch_size=16 --grad_accum=8 --eval_interval=100"
-PPO="--ppo_epochs=4 --lam=0.95 --temperature=0.7 --no_eos_score=-1 --batch_size=64 --eval_interval=100 --n_eval=256"
+PPO="--ppo_epochs=4 --lam=0.95 --temperature=0.7 --no_eos_score=-1 --batch_size=512 --n_minibatches=1 --n_eval=256"
 case $MODE in
     gpt2) real gpt2 hh_rlhf "$SFT --max_steps=320" "--lr=5e-5 --batch_size=32 --freeze_layers=0" "$PPO \
-              --lr=1.41e-5 --init_kl_coef=0.2 --target_kl=6 --kl_horizon=10000 --max_new_tokens=128 --n_iters=600"
+              --lr=1.41e-5 --init_kl_coef=0.2 --target_kl=6 --kl_horizon=10000 --max_new_tokens=128 --n_iters=80 \
+              --micro_batch_size=16 --eval_interval=20"
           exit 0;;
     tldr) real tldr tldr "$SFT --max_steps=900" "--lr=3e-6 --batch_size=64 --freeze_layers=0" "$PPO --lr=3e-6 \
-              --adaptive_kl=False --init_kl_coef=0.05 --whiten_rewards=False --max_new_tokens=53 --n_iters=1000"
+              --adaptive_kl=False --init_kl_coef=0.05 --whiten_rewards=False --max_new_tokens=53 --n_iters=250 \
+              --micro_batch_size=32 --eval_interval=50"
           exit 0;;
 esac
 
