@@ -12,7 +12,7 @@ D=data/stories
 resume() { [ -f "$1/ckpt.pt" ] && echo --resume || true; }
 
 # -- real data, GPT-2 on one GPU: prepare -> SFT -> RM -> PPO (its eval.json has the labeler keys null). Env: MODEL
-# (GPT-2 name or HF folder), DATA_DIR (raw copies in DATA_DIR/<dataset>, else download), OUT, SMOKE=1 (CI: a few CPU steps).
+# (GPT-2 name or HF folder), DATA_DIR (raw copies in DATA_DIR/<dataset>; unset: download), OUT, SMOKE=1 (CI).
 real() {  # RECIPE DATASET SFT_FLAGS RM_FLAGS PPO_FLAGS; one template renders the demos', pairs' and PPO's prompts
     local R=${OUT:-out}/$1 D=${OUT:-out}/data/$2 S=("" "" "")
     [ "${SMOKE:-0}" = 1 ] && S=("--max_steps=4 --batch_size=2 --grad_accum=1 --eval_interval=2 --eval_batches=1" \
