@@ -181,6 +181,12 @@ def wrap_ddp(model, device):
         return model
     return DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
 
+def sync_gradients(model, now):
+    """Whether DDP shares gradients in the model's next backward (nanoGPT's require_backward_grad_sync): in gradient
+    accumulation only the last micro-step's needs to, the others add to the local gradients. No-op unwrapped."""
+    if isinstance(model, DDP):
+        model.require_backward_grad_sync = now
+
 # ----------------------------------------------------------------------------- tokenizers (tiktoken only)
 
 EOT = "<|endoftext|>"

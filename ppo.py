@@ -8,10 +8,13 @@ Critic-free (--advantage=rloo or grpo): no value model at all. Each prompt gets 
 response's advantage is its reward against its siblings' (critic_free_advantages); the PPO epochs stay the same.
 At its evaluations, eval.py's evaluate() compares π with the SFT model on val prompts (out/<run>/eval.json).
     python ppo.py --sft=out/sft --reward=out/rm --prompts=data/stories/prompts_train.jsonl --out_dir=out/ppo
+    torchrun --standalone --nproc_per_node=8 ppo.py ...   # several GPUs: each process samples its own rollouts
 
 Shape letters: B rollouts per iteration, P (padded) prompt length, R response length, V vocab.
 How ours differs from the paper: InstructGPT's β is fixed at 0.02; ours defaults to the adaptive controller of
 Ziegler et al. (2019), because the right β depends on the reward model's scale, which for our tiny RM is not theirs.
+Under torchrun (DDP) only π and V are wrapped; what makes PPO what it is stays global: reward and advantage whitening,
+the mean KL that sets β, the logged metrics. Evaluation runs on rank 0 alone, the others wait at the next all-reduce.
 """
 import os
 import time
@@ -21,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (check_finite, check_range, get_tokenizer, load_labeler, log, peak_memory, prepare_run_dir,
-                    read_json, read_jsonl, resume_checkpoint, run, save_checkpoint, set_seed, setup_device,
-                    val_path_for)
+from common import (all_reduce_sum, check_finite, check_range, get_tokenizer, load_labeler, log, peak_memory,
+                    prepare_run_dir, read_json, read_jsonl, resume_checkpoint, run, save_checkpoint, set_seed,
+                    setup_device, setup_distributed, sync_gradients, val_path_for, wrap_ddp)
 from eval import evaluate, save_eval, sft_side_cached
 from model import GPT, disable_dropout, load_model, response_logprobs, response_values
 from reward import score
@@ -41,7 +44,7 @@ class Config:
     # rollouts
     n_iters: int = 60                  # PPO iterations (each: one batch of rollouts, then ppo_epochs of updates);
                                        # sized to the CPU budget of run.sh (docs/experiments.md#ppo-settings)
-    batch_size: int = 64               # rollouts per iteration
+    batch_size: int = 64               # rollouts per iteration and process: N processes sample N * batch_size
     max_new_tokens: int = 120          # responses longer than this are cut, and get no_eos_score
     temperature: float = 0.7           # sampling temperature; the log-probs are recomputed at the same one
     # the reward
@@ -122,10 +125,19 @@ def masked_mean(x, mask, dim=None):
         return (x * mask).sum() / mask.sum().clamp(min=1)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
+def masked_moments(x, mask):
+    """Mean and variance of x over the True entries of mask, in the global batch: under torchrun the sums are
+    all-reduced, so every process gets the statistics of all processes' rollouts. Two passes (sum and count, then the
+    squared deviations from that mean), steadier than a sum of squares."""
+    mask = mask.to(x.dtype)
+    total, count = all_reduce_sum(torch.stack([(x * mask).sum(), mask.sum()])).unbind()
+    mean = total / count.clamp(min=1)
+    return mean, all_reduce_sum(((x - mean) ** 2 * mask).sum()) / count.clamp(min=1)
+
 def masked_whiten(x, mask, shift_mean=True):
-    """Normalise x to zero mean and unit variance over the real tokens only (padding must not move the stats)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    """Normalise x to zero mean and unit variance over the real tokens only (padding must not move the stats), with
+    the global batch's statistics (masked_moments)."""
+    mean, var = masked_moments(x, mask)
     whitened = (x - mean) * torch.rsqrt(var + 1e-8)
     return (whitened if shift_mean else whitened + mean) * mask
 
@@ -197,8 +209,8 @@ def adapt_kl_coef(kl_coef, mean_kl, target_kl, n_rollouts, horizon):
 def explained_variance(returns, values, mask):
     """1 - Var(returns - V) / Var(returns) over the real tokens: 1 = V predicts the returns, 0 = no better than
     their mean (N+ details' ppo/val/explained_variance)."""
-    residual = masked_mean((returns - values) ** 2, mask)
-    return 1 - residual / masked_mean((returns - masked_mean(returns, mask)) ** 2, mask).clamp(min=1e-8)
+    residual, _ = masked_moments((returns - values) ** 2, mask)  # global, as it is logged
+    return 1 - residual / masked_moments(returns, mask)[1].clamp(min=1e-8)
 
 # ----------------------------------------------------------------------------- plumbing: models and prompts
 
@@ -272,10 +284,12 @@ def resume_run(out_dir, policy, value_model, optimizer, rngs):
 
 def main(cfg: Config) -> dict:
     check_config(cfg)
-    prepare_run_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
     has_critic, k = cfg.advantage == "gae", cfg.samples_per_prompt
-    set_seed(cfg.seed)
-    device, dtype, ctx = setup_device(cfg.device, cfg.dtype, cfg.compile)
+    rank, world_size, device = setup_distributed(cfg.device)
+    master = rank == 0  # rank 0 alone prints, logs, evaluates and saves
+    prepare_run_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
+    set_seed(cfg.seed + rank)
+    device, dtype, ctx = setup_device(device, cfg.dtype, cfg.compile)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     policy, ref_policy, reward_model, value_model, tokenizer_name = load_models(cfg, device)
     tokenizer, block_size = get_tokenizer(tokenizer_name), policy.config.block_size
@@ -289,21 +303,27 @@ def main(cfg: Config) -> dict:
     labeler = load_labeler(val_path)
     if cfg.gold_reward and labeler is None:
         raise ValueError(f"--gold_reward: no labeler.py beside {val_path}; only a built-in task has a gold judge")
-    print(f"data: {len(prompts):,} train / {len(val_prompts):,} val prompts"
-          + (f", {len(ptx):,} pretraining chunks for PPO-ptx" if ptx else "") + (", labeler found" if labeler else ""))
+    if master:
+        print(f"data: {len(prompts):,} train / {len(val_prompts):,} val prompts" + (f", {len(ptx):,} pretraining "
+              f"chunks for PPO-ptx" if ptx else "") + (", labeler found" if labeler else ""))
 
     # -- optimizer and the state we resume from. One Adam over π and V: their losses are added (vf_coef weighs V).
     trained = [policy] + ([value_model] if has_critic else [])
     optimizer = torch.optim.AdamW([p for m in trained for p in m.parameters()], lr=cfg.lr, eps=1e-5, weight_decay=0.0)
-    prompt_rng = torch.Generator().manual_seed(cfg.seed)                 # which prompts, which minibatches
-    gen_rng = torch.Generator(device=device).manual_seed(cfg.seed + 1)   # the sampler's draws
+    # which prompts (each process takes its slice of one global draw), which minibatches: the same on every process;
+    # the sampler's draws differ per process, so no two sample the same noise
+    prompt_rng = torch.Generator().manual_seed(cfg.seed)
+    gen_rng = torch.Generator(device=device).manual_seed(cfg.seed + 1 + rank)
     rngs = {"prompt_rng": prompt_rng, "gen_rng": gen_rng}
     kl_coef, start_iter = cfg.init_kl_coef, 0
     if cfg.resume:
         kl_coef, start_iter = resume_run(cfg.out_dir, policy, value_model, optimizer, rngs)
+        if rank > 0:  # the checkpoint holds rank 0's sampler; the others' follow from seed, rank and iteration, so a
+            gen_rng.manual_seed(cfg.seed + 1 + rank + 1000 * start_iter)  # run saved under any N resumes under any N
 
     # the SFT model's side of every evaluation: the same samples each time, so generated once (or read from cache)
-    sft_side = sft_side_cached(ref_policy, reward_model, tokenizer, val_prompts, cfg, ctx, cfg.sft, cfg.reward)
+    sft_side = (sft_side_cached(ref_policy, reward_model, tokenizer, val_prompts, cfg, ctx, cfg.sft, cfg.reward)
+                if master else None)
 
     def run_eval(iteration):
         policy.eval()
@@ -316,14 +336,16 @@ def main(cfg: Config) -> dict:
                                                         if isinstance(v, float)))
         save_eval(cfg.out_dir, result, texts, val_prompts)
 
-    # --compile wraps the training forwards; sampling (changing shapes) and saving use the raw modules
-    train_policy, train_value = (torch.compile(m, dynamic=True) if cfg.compile and m is not None else m
-                                 for m in (policy, value_model))
+    # --compile wraps the training forwards; sampling (changing shapes) and saving use the raw modules. Under torchrun
+    # DDP wraps the trained models: it averages their gradients over the processes in backward.
+    train_policy, train_value = (wrap_ddp(torch.compile(m, dynamic=True) if cfg.compile else m, device)
+                                 if m is not None else None for m in (policy, value_model))
     mb_size = cfg.batch_size // cfg.n_minibatches
     micro_size = cfg.micro_batch_size or mb_size  # rows per forward + backward in the updates
     rows_per_forward = cfg.micro_batch_size or cfg.batch_size  # and in the no-grad forwards over the whole batch
     chunks = [slice(i, i + rows_per_forward) for i in range(0, cfg.batch_size, rows_per_forward)]
-    bar = tqdm(range(start_iter, cfg.n_iters), initial=start_iter, total=cfg.n_iters, desc="ppo", dynamic_ncols=True)
+    bar = tqdm(range(start_iter, cfg.n_iters), initial=start_iter, total=cfg.n_iters, desc="ppo", dynamic_ncols=True,
+               disable=not master)
     for iteration in bar:
         t0 = time.time()
         if cfg.anneal_lr:  # set from the iteration alone, so --resume picks up the schedule where it stopped
@@ -331,7 +353,8 @@ def main(cfg: Config) -> dict:
                 group["lr"] = cfg.lr * (1 - iteration / cfg.n_iters)
         # ------------------------------------------------------------ 1. rollouts
         # batch_size / k prompts, each k times in a row (k = 1 draws exactly the prompts it always did)
-        prompt_idx = torch.randint(len(prompts), (cfg.batch_size // k,), generator=prompt_rng).repeat_interleave(k)
+        prompt_idx = torch.randint(len(prompts), (world_size * cfg.batch_size // k,), generator=prompt_rng)
+        prompt_idx = prompt_idx[rank * cfg.batch_size // k:(rank + 1) * cfg.batch_size // k].repeat_interleave(k)
         batch_prompts = [prompts[i] for i in prompt_idx]
         policy.eval()
         with ctx:
@@ -360,8 +383,8 @@ def main(cfg: Config) -> dict:
         # N+ details "EOS trick": a response cut off before end-of-text gets a fixed low score.
         has_eos = ((tokens[:, P:] == tokenizer.eot_token) & response_mask).any(1)  # (B,)
         scores = torch.where(has_eos, scores, torch.full_like(scores, cfg.no_eos_score))
-        # the RL reward: optionally whitened over the batch (the logs keep the raw scores, to see the RM's view)
-        rl_scores = (scores - scores.mean()) / (scores.std(unbiased=False) + 1e-8) if cfg.whiten_rewards else scores
+        # the RL reward: optionally whitened over the (global) batch (the logs keep the raw scores, the RM's view)
+        rl_scores = masked_whiten(scores, torch.ones_like(scores)) if cfg.whiten_rewards else scores
         rewards, kl = compute_rewards(rl_scores, old_logprobs, ref_logprobs, response_mask, kl_coef)  # (B, R)
         if has_critic:
             advantages, returns = compute_gae(rewards, old_values, response_mask, cfg.gamma, cfg.lam)
@@ -379,7 +402,10 @@ def main(cfg: Config) -> dict:
                 n_tokens = response_mask[mb].sum().clamp(min=1)  # the minibatch's real response tokens
                 optimizer.zero_grad(set_to_none=True)
                 mb_stats = {}
-                for micro in mb.split(micro_size):  # gradient accumulation: memory falls, the update stays the same
+                micro_batches = mb.split(micro_size)
+                for i, micro in enumerate(micro_batches):  # gradient accumulation: memory falls, the update doesn't
+                    sync_gradients(train_policy, i == len(micro_batches) - 1 and not ptx)  # in the minibatch's last
+                    sync_gradients(train_value, i == len(micro_batches) - 1)  # backward of each model (DDP)
                     mb_mask = response_mask[micro]
                     # Each loss is a masked mean over the micro-batch; weighted by the micro-batch's share of the
                     # minibatch's real tokens, the summed losses (and gradients) are the minibatch's masked means.
@@ -404,8 +430,10 @@ def main(cfg: Config) -> dict:
                     for key, v in micro_stats.items():
                         mb_stats[key] = mb_stats.get(key, 0) + v.detach() * weight
                 if ptx:  # PPO-ptx: keep the pretraining distribution's likelihood up (InstructGPT eq. (2))
-                    idx = torch.randint(len(ptx), (cfg.ptx_batch_size,), generator=prompt_rng)
+                    idx = torch.randint(len(ptx), (world_size * cfg.ptx_batch_size,), generator=prompt_rng)
+                    idx = idx[rank * cfg.ptx_batch_size:(rank + 1) * cfg.ptx_batch_size]  # this process's slice
                     x, y = make_batch([ptx[i] for i in idx], tokenizer.eot_token)
+                    sync_gradients(train_policy, True)  # π's last backward of the minibatch
                     with ctx:
                         ptx_loss = lm_loss(train_policy, x.to(device), y.to(device))
                     (cfg.ptx_coef * ptx_loss).backward()
@@ -416,34 +444,39 @@ def main(cfg: Config) -> dict:
                 optimizer.step()
                 for key, v in mb_stats.items():
                     stats.setdefault(key, []).append(v)
-        # ------------------------------------------------------------ adaptive KL (Ziegler et al. 2019, §2.2)
-        mean_kl = kl.sum(1).mean().item()  # sync point: once per iteration
-        rlhf_reward = (scores - kl_coef * kl.sum(1)).mean().item()  # with the β that built this batch's rewards
-        if cfg.adaptive_kl:
-            kl_coef = adapt_kl_coef(kl_coef, mean_kl, cfg.target_kl, cfg.batch_size, cfg.kl_horizon)
         # ------------------------------------------------------------ logging (the N+ details' metric names)
-        record = {"step": iteration + 1, "objective/kl": mean_kl, "objective/scores": scores.mean().item(),
-                  "objective/rlhf_reward": rlhf_reward, "objective/kl_coef": kl_coef,
-                  **{f"ppo/{key}": torch.stack(v).mean().item() if v else None for key, v in stats.items()},
-                  "ppo/lr": optimizer.param_groups[0]["lr"],
-                  "ppo/val/explained_variance": explained_variance(returns, old_values, response_mask).item()
-                  if has_critic else None,
-                  "response/length": response_mask.sum(1).float().mean().item(),
-                  "response/eos_share": has_eos.float().mean().item(), "time/rollout_s": t_rollout,
-                  "time/iteration_s": time.time() - t0, **peak_memory(device)}
-        check_finite(f"iteration {iteration + 1}", record)  # before this iteration's model can be saved
+        # Each is a mean over this process's rollouts, and every process has as many: one all-reduce averages them
+        # into the global batch's. The mean KL that sets β is one of them, so β is the same on every process, always.
+        means = {"objective/kl": kl.sum(1).mean(), "objective/scores": scores.mean(),
+                 "objective/rlhf_reward": (scores - kl_coef * kl.sum(1)).mean(),  # the β that built these rewards
+                 **{f"ppo/{key}": torch.stack(v).mean() for key, v in stats.items() if v},
+                 "response/length": response_mask.sum(1).float().mean(), "response/eos_share": has_eos.float().mean()}
         if labeler is not None:  # the gold judge's view of the same samples (the policy sees it only with gold_reward)
-            record["objective/labeler_score"] = sum(map(labeler.score, batch_prompts, texts)) / len(texts)
-        bar.set_postfix_str(f"score {record['objective/scores']:+.2f} | kl {mean_kl:.2f} | β {kl_coef:.3f}"
+            means["objective/labeler_score"] = torch.tensor(sum(map(labeler.score, batch_prompts, texts)) / len(texts))
+        global_means = all_reduce_sum(torch.stack([v.float().to(device) for v in means.values()])) / world_size
+        record = {"step": iteration + 1, **{f"ppo/{key}": None for key in stats},
+                  **dict(zip(means, global_means.tolist()))}  # sync point: once per iteration
+        if cfg.adaptive_kl:  # Ziegler et al. (2019) §2.2, at the pace of all processes' rollouts
+            kl_coef = adapt_kl_coef(kl_coef, record["objective/kl"], cfg.target_kl, world_size * cfg.batch_size,
+                                    cfg.kl_horizon)
+        record.update({"objective/kl_coef": kl_coef, "ppo/lr": optimizer.param_groups[0]["lr"],
+                       "ppo/val/explained_variance": explained_variance(returns, old_values, response_mask).item()
+                       if has_critic else None, "time/rollout_s": t_rollout, "time/iteration_s": time.time() - t0,
+                       **peak_memory(device)})
+        check_finite(f"iteration {iteration + 1}", record)  # before this iteration's model can be saved
+        bar.set_postfix_str(f"score {record['objective/scores']:+.2f} | kl {record['objective/kl']:.2f} | "
+                            f"β {kl_coef:.3f}"
                             + (f" | gold {record['objective/labeler_score']:.3f}" if labeler else "")
                             + (f" | peak {record['memory/peak_gib']:.1f} GiB" if "memory/peak_gib" in record else ""))
+        if not master:
+            continue
         if (iteration + 1) % cfg.eval_interval == 0 or iteration + 1 == cfg.n_iters:
             run_eval(iteration + 1)
         log(cfg.out_dir, record)
         if (iteration + 1) % cfg.save_interval == 0 or iteration + 1 == cfg.n_iters:
             save_run(ckpt_path, cfg, tokenizer_name, policy, value_model, optimizer, rngs, kl_coef, iteration + 1)
     bar.close()
-    return read_json(os.path.join(cfg.out_dir, "eval.json"))
+    return read_json(os.path.join(cfg.out_dir, "eval.json")) if master else {}  # eval.json is rank 0's
 
 if __name__ == "__main__":
     run(main, Config)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from common import (all_reduce_sum, check_finite, check_range, get_lr, get_tokenizer, log, prepare_run_dir,
                     read_jsonl, resume_checkpoint, run, save_checkpoint, set_seed, setup_device, setup_distributed,
-                    val_path_for, wrap_ddp)
+                    sync_gradients, val_path_for, wrap_ddp)
 from model import GPT, GPTConfig, load_model
 
 @dataclass
@@ -217,8 +217,7 @@ def main(cfg: Config) -> dict:
         n_targets = all_reduce_sum(sum((y != -1).sum() for _, y in micro_batches))
         step_loss = 0.0
         for micro_step, (x, y) in enumerate(micro_batches):
-            if world_size > 1:  # share gradients once per step, in the last micro-step's backward (nanoGPT)
-                train_model.require_backward_grad_sync = micro_step == cfg.grad_accum - 1
+            sync_gradients(train_model, micro_step == cfg.grad_accum - 1)  # several processes: once per step
             with ctx:
                 loss = lm_loss(train_model, x, y) * ((y != -1).sum() * world_size / n_targets)
             loss.backward()

@@ -9,16 +9,21 @@ import json
 import os
 import random
 import socket
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import common
+import ppo
 import reward
 import sft
 from model import GPT, GPTConfig
+from test_ppo import iteration_records, write_inputs
+from test_ppo import tiny_config as ppo_config
 from test_reward import write_preferences
 
 WORDS = ("apple", "river", "stone", "cloud", "tiger", "maple", "ocean", "piano")
@@ -118,6 +123,67 @@ def test_reward_model_on_two_processes_of_batch_b_steps_as_one_process_of_batch_
         assert b["train/loss"] == pytest.approx(a["train/loss"], abs=1e-5)  # fp32, sums in another order
         assert b["train/accuracy"] == a["train/accuracy"] and b.get("val/accuracy") == a.get("val/accuracy")
     assert expected[-2]["train/loss"] < expected[0]["train/loss"] - 0.1  # it learned: the comparison has teeth
+
+# ----------------------------------------------------------------------------- PPO
+
+def whiten_my_half(x, mask, out):
+    """masked_whiten on this process's half of a batch (rows split by rank), saved for the test to compare."""
+    rank, _, _ = common.setup_distributed("cpu")
+    rows = slice(rank * len(x) // 2, (rank + 1) * len(x) // 2)
+    torch.save(ppo.masked_whiten(x[rows], mask[rows]), f"{out}.{rank}")
+
+def test_advantage_whitening_on_two_processes_is_the_whitening_of_the_whole_batch(tmp_path):
+    """N+ details (Huang et al. 2024): advantages are whitened per batch. Under DDP the batch is all processes'
+    rollouts, so each process's half, whitened with the all-reduced sums, is its half of the whole batch whitened
+    in one process, padding excluded, although the two halves hold very different numbers and token counts."""
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(3, 5), 4 + 3 * torch.randn(3, 5)])  # (6, 5): the halves differ in mean and scale
+    mask = torch.rand(6, 5) < 0.7
+    run_processes(whiten_my_half, x, mask, str(tmp_path / "half"))
+    got = torch.cat([torch.load(tmp_path / f"half.{r}") for r in range(2)])
+    torch.testing.assert_close(got, ppo.masked_whiten(x, mask), atol=1e-6, rtol=0)  # fp32, sums split in two
+    assert not torch.allclose(ppo.masked_whiten(x[:3], mask[:3]), got[:3], atol=1e-2)  # per process would differ
+
+def record_ppo(cfg):
+    """ppo.main in this process, keeping the mean KL and β of each adaptation and π's and V's weights after each
+    optimizer step, saved as out_dir/rank{r}.pt (the forked process patches only its own copy of ppo)."""
+    kls, betas, weights = [], [], []
+    adapt = ppo.adapt_kl_coef
+    ppo.adapt_kl_coef = lambda *args: kls.append(args[1]) or betas.append(adapt(*args)) or betas[-1]
+    hook = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: weights.append(
+        torch.cat([p.detach().flatten() for group in optimizer.param_groups for p in group["params"]])))
+    try:
+        ppo.main(cfg)
+    finally:
+        hook.remove()
+        ppo.adapt_kl_coef = adapt
+    torch.save({"kls": kls, "betas": betas, "weights": weights}, os.path.join(cfg.out_dir, f"rank{dist.get_rank()}.pt"))
+
+def test_ppo_on_two_processes_keeps_beta_and_both_models_identical_on_every_rank_and_resumes_in_one(tmp_path):
+    """Each process samples its own rollouts, but what PPO adapts and trains is shared: the mean KL that drives
+    Ziegler et al.'s controller is all-reduced, so β is the same on both ranks after each iteration, and DDP's
+    averaged gradients (synced on the last of two micro-batches, and after the PPO-ptx backward) keep π and V
+    bit-identical after every optimizer step. Rank 0's checkpoint then resumes in a single process."""
+    inputs = write_inputs(tmp_path)
+    text = str(tmp_path / "pretrain_train.jsonl")
+    common.write_jsonl(text, [{"text": "zq " * 20}] * 8)
+    cfg = ppo_config(tmp_path / "two", inputs, n_iters=2, batch_size=4, micro_batch_size=1, ptx_coef=1.0,
+                     ptx_data=text, ptx_batch_size=1)
+    run_processes(record_ppo, cfg)
+    ranks = [torch.load(os.path.join(cfg.out_dir, f"rank{r}.pt")) for r in range(2)]
+    assert len(ranks[0]["betas"]) == 2 and ranks[0]["betas"] == ranks[1]["betas"]  # exactly
+    # the KL that set β: the global mean, the same on both ranks (the controller clips its error to ±0.2, so equal
+    # β alone could hide a per-rank KL), and nonzero once π has moved
+    assert ranks[0]["kls"] == ranks[1]["kls"] and ranks[0]["kls"][1] > 0
+    logged = iteration_records(cfg.out_dir)
+    assert [r["objective/kl_coef"] for r in logged] == ranks[0]["betas"] != [cfg.init_kl_coef] * 2
+    assert len(ranks[0]["weights"]) == len(ranks[1]["weights"]) == 2 * cfg.ppo_epochs * cfg.n_minibatches
+    for w0, w1 in zip(ranks[0]["weights"], ranks[1]["weights"]):
+        assert torch.equal(w0, w1)
+    assert not torch.equal(ranks[0]["weights"][0], ranks[0]["weights"][-1])  # they trained
+    ppo.main(replace(cfg, n_iters=3, resume=True))  # one process, from the two-process checkpoint
+    logged = iteration_records(cfg.out_dir)
+    assert [r["step"] for r in logged] == [1, 2, 3] and logged[1]["objective/kl_coef"] == ranks[0]["betas"][1]
 
 # ----------------------------------------------------------------------------- errors
 
