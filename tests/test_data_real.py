@@ -48,6 +48,7 @@ def test_hh_prompt_ends_at_last_assistant_and_response_keeps_its_leading_space(t
         (dialogue + " Yes.", "\n\nHuman: Hi\n\nAssistant: Other.\n\nAssistant: No."),  # rejected's prefix differs
         (dialogue + " Same.", dialogue + " Same."),                           # no preference
         (dialogue + " Yes.\n\nHuman: and?", dialogue + " No."),               # a reply running into another turn
+        (dialogue + " Yes.  Human: and?", dialogue + " No."),                 # ... or holding one inline
     ])
     hh.main(["--source", str(tmp_path / "src"), "--out", str(tmp_path / "out")])
     prefs = read(tmp_path / "out" / "prefs_train.jsonl")
@@ -57,7 +58,7 @@ def test_hh_prompt_ends_at_last_assistant_and_response_keeps_its_leading_space(t
     assert not (tmp_path / "out" / "prefs_val.jsonl").exists()  # no test.jsonl.gz in the source: no val files
     printed = capsys.readouterr().out
     for reason in ("empty final reply", "rejected does not share chosen's prompt", "chosen == rejected",
-                   "a reply runs on into another turn"):
+                   "a reply runs on into another turn", "a reply holds an inline '  Human:' turn"):
         assert f"skipped 1: {reason}" in printed
 
 

@@ -14,8 +14,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 import common
+import export
+from model import load_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EVAL_KEYS = {"n_prompts", "labeler_score_sft", "labeler_score_ppo", "rm_score_sft", "rm_score_ppo", "kl_ppo_sft",
@@ -133,3 +136,16 @@ def test_sft_rm_and_ppo_prompts_are_rendered_by_one_template(recipes, recipe):
     assert set(prompts["ppo"]) == set(prompts["sft"])
     demos = common.read_jsonl(used["sft"], ["prompt", "response"])
     assert all(d["response"].startswith(" ") and end not in d["response"] for d in demos)  # the reply, not a turn
+
+
+def test_recipe_policy_exports_to_transformers_with_equal_logits(recipes, tmp_path):
+    """What a user takes away: the PPO policy of a recipe, exported (export.py), is a GPT-2 that transformers runs."""
+    transformers = pytest.importorskip("transformers")
+    ppo_dir = str(recipes["tldr"][0] / "tldr_ppo")
+    export.main(export.Config(ckpt=ppo_dir, out_dir=str(tmp_path / "hf")))
+    ours, _ = load_model(ppo_dir)
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()
+    idx = torch.randint(50257, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(idx).logits, ours(idx), atol=1e-4, rtol=0)  # fp32, other op order
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["nanoinstruct_tokenizer"] == "gpt2"

@@ -41,9 +41,12 @@ def parse_hh_row(chosen, rejected):
     if not rejected.startswith(prompt):
         return None, "rejected does not share chosen's prompt"
     chosen_reply, rejected_reply = chosen[len(prompt):], rejected[len(prompt):]
-    # A response ends where the model should emit end-of-text, so it must not run on into another turn.
+    # A response ends where the model should emit end-of-text, so it must not run on into another turn, not even one
+    # glued on inline ("... sure.  Human: and ...", as the real files hold): SFT would teach the policy to write them.
     if any(turn in reply for reply in (chosen_reply, rejected_reply) for turn in ("\n\nHuman:", ASSISTANT)):
         return None, "a reply runs on into another turn"
+    if any("  Human:" in reply for reply in (chosen_reply, rejected_reply)):
+        return None, "a reply holds an inline '  Human:' turn"
     if not chosen_reply.strip() or not rejected_reply.strip():
         return None, "empty final reply"  # the real files hold dialogues ending "\n\nAssistant: "
     if chosen_reply == rejected_reply:
@@ -103,6 +106,8 @@ if __name__ == "__main__":
 #   skipped N: empty final reply
 #   skipped N: rejected does not share chosen's prompt
 #   skipped N: chosen == rejected
+#   skipped N: a reply runs on into another turn
+#   skipped N: a reply holds an inline '  Human:' turn
 # val: data/hh_rlhf/raw/helpful-base/test.jsonl.gz: 2,354 rows -> N prefs (and sft demos), N prompts
 #   skipped N: ...
 # wrote prefs_, sft_ and prompts_{train,val}.jsonl to data/hh_rlhf
