@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The whole InstructGPT pipeline on the built-in stories task, on a laptop CPU (~8-10 min on 2 cores):
+# The whole InstructGPT pipeline on the built-in stories task, on a laptop CPU (sized to stay under 10 min on 2 cores):
 #     bash run.sh          # prepare -> pretrain -> SFT -> reward model -> PPO -> evaluation -> out/report.md
-#     bash run.sh full     # also PPO-ptx, PPO against the labeler, a sweep over β (over-optimisation), ~17 min more
+#     bash run.sh full     # also PPO-ptx, PPO against the labeler, a sweep over β (over-optimisation)
 #     bash run.sh gpt2     # GPT-2 small on HH-RLHF, for one GPU;  bash run.sh tldr: on OpenAI's TL;DR
 # Finished stages are skipped and interrupted ones resumed: delete out/<stage> to redo one. Device: automatic.
 set -euo pipefail
