@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common import (all_reduce_sum, check_finite, check_range, get_lr, get_tokenizer, load_labeler, log,
-                    prepare_run_dir, read_jsonl, run, save_checkpoint, set_seed, setup_device, setup_distributed,
-                    val_path_for, wrap_ddp)
+                    peak_memory, prepare_run_dir, read_jsonl, run, save_checkpoint, set_seed, setup_device,
+                    setup_distributed, val_path_for, wrap_ddp)
 from model import GPT, last_token_scores, load_model
 from sample import generate
 from sft import encode_example, is_too_long
@@ -51,14 +51,17 @@ class Config:
     seed: int = 1337
     device: str = "auto"
     dtype: str = "auto"
-    compile: bool = False
+    compile: bool = False             # torch.compile the training forward (evaluation and sampling stay eager)
+    micro_batch_size: int = 0         # rankings per forward and backward (0 = the whole batch): changes memory, not
+                                      # results (gradients accumulate over a batch's micro-batches)
+    grad_checkpoint: bool = False     # recompute each block's activations in the backward pass, to save memory
     overwrite: bool = False           # replace the RM in out_dir (without it, a saved one is refused)
 
 def check_config(cfg):
     """Every setting's range, checked before anything runs: one place, so new keys go here."""
     check_range(cfg, ("n_normalize", "batch_size", "epochs", "eval_interval", "max_new_tokens"), 1)
     check_range(cfg, ("lr", "n_agreement", "freeze_layers", "group_by_length", "warmup_steps", "weight_decay",
-                      "grad_clip"), 0)
+                      "grad_clip", "micro_batch_size"), 0)
 
 # ----------------------------------------------------------------------------- the math (tests import these)
 
@@ -206,8 +209,11 @@ def main(cfg: Config) -> dict:
     if cfg.freeze_layers:
         for module in [model.transformer.wte, model.transformer.wpe, *model.transformer.h[:cfg.freeze_layers]]:
             module.requires_grad_(False)
+    model.grad_checkpoint = cfg.grad_checkpoint
     model.to(device).train()
     block_size = model.config.block_size
+    if master:
+        print(f"parameters: reward model {model.num_params():,}")
 
     # -- data: every file is read (and checked) now, so that a missing or bad one stops us before training, not
     # after it. Defaults come from --data's folder: a dataset's files sit side by side (DESIGN, prepared data).
@@ -254,7 +260,9 @@ def main(cfg: Config) -> dict:
     batches = length_grouped_batches(order, lengths, world_size * cfg.batch_size, cfg.group_by_length, rng)
     batches = [batch_idx for batch_idx in batches if len(batch_idx) >= world_size]
     batches = batches[:cfg.max_steps] if cfg.max_steps > 0 else batches
-    train_model = wrap_ddp(model, device)  # several processes: gradients averaged over them in backward
+    ddp_model = wrap_ddp(model, device)  # several processes: gradients averaged over them in backward
+    # --compile: the training forward only; `model` stays the raw module for evaluation and saving
+    train_model = torch.compile(ddp_model, dynamic=True) if cfg.compile else ddp_model
 
     def n_ranked(batch_idx):  # rankings that carry a preference: the loss is their mean (all ties carry none)
         return sum(len(set(train[i][1])) > 1 for i in batch_idx)
@@ -266,24 +274,37 @@ def main(cfg: Config) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         my_idx = batch_idx[rank * len(batch_idx) // world_size:(rank + 1) * len(batch_idx) // world_size]
-        with ctx:
-            loss, n_correct, n_pairs = ranking_loss(train_model, tokenizer, [train[i] for i in my_idx], block_size,
-                                                    device)
-        # The step's loss is the mean over the global batch's rankings: this process's mean, weighted by its share
-        # of them, times world_size because DDP averages the processes' gradients (1 in one process).
-        loss = loss * (n_ranked(my_idx) * world_size / max(1, n_ranked(batch_idx)))
-        loss.backward()
+        # The step's loss is the mean over the global batch's rankings: each micro-batch's mean, weighted by its
+        # share of them, times world_size because DDP averages the processes' gradients (1 in one process). Summed
+        # over micro-batches, the gradients are those of the whole batch: micro-batching changes memory only.
+        # Rankings of identical responses carry no preference (no loss, no accuracy): left out of the forwards, so that
+        # no micro-batch is all ties.
+        ranked_idx = [i for i in my_idx if n_ranked([i])]
+        size = cfg.micro_batch_size or len(ranked_idx)
+        micro_batches = [ranked_idx[i:i + size] for i in range(0, len(ranked_idx), size)]
+        loss, n_correct, n_pairs = 0.0, 0, 0
+        for micro_step, micro_idx in enumerate(micro_batches):
+            if world_size > 1:  # share gradients once per step, in the last micro-step's backward (nanoGPT)
+                ddp_model.require_backward_grad_sync = micro_step == len(micro_batches) - 1
+            with ctx:
+                micro_loss, micro_correct, micro_pairs = ranking_loss(train_model, tokenizer,
+                                                                      [train[i] for i in micro_idx], block_size, device)
+            micro_loss = micro_loss * (len(micro_idx) * world_size / max(1, n_ranked(batch_idx)))
+            micro_loss.backward()
+            loss, n_correct, n_pairs = loss + micro_loss.detach(), n_correct + micro_correct, n_pairs + micro_pairs
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         # the logged loss and accuracy are the global batch's: summed over the processes
-        step_loss, n_correct, n_pairs = all_reduce_sum(torch.stack([
-            loss.detach().float() / world_size, n_correct.float(), torch.tensor(float(n_pairs), device=device)]))
+        step_loss, n_correct, n_pairs = all_reduce_sum(torch.stack([torch.as_tensor(x, device=device).float() for x in (
+            loss / world_size, n_correct, n_pairs)]))
         record = {"step": step, "train/loss": step_loss.item(),
-                  "train/accuracy": n_correct.item() / max(1, n_pairs.item()), "lr": lr}  # sync point
+                  "train/accuracy": n_correct.item() / max(1, n_pairs.item()), "lr": lr,
+                  **peak_memory(device)}  # sync point
         check_finite(f"step {step}", record)
         bar.set_postfix_str(f"loss {record['train/loss']:.3f} | acc {record['train/accuracy']:.2f} | "
-                            f"{(time.time() - t0) * 1000:.0f}ms")
+                            f"{(time.time() - t0) * 1000:.0f}ms" + (f" | peak {record['memory/peak_gib']:.1f} GiB"
+                                                                    if "memory/peak_gib" in record else ""))
         if step % cfg.eval_interval == 0 or step == len(batches):
             record["val/accuracy"] = evaluate(val)
             if master:

@@ -344,3 +344,23 @@ def test_scalar_head_scores_every_position_and_last_token_ignores_right_padding(
             assert scores.shape == (2, 5 + pad)
             torch.testing.assert_close(last_token_scores(scores, is_real), alone[:, -1].expand(2),
                                        atol=1e-5, rtol=0)  # fp32, masked vs is_causal kernel
+
+@pytest.mark.parametrize("scalar_head", [False, True], ids=["lm-head", "scalar-head"])
+def test_heads_from_a_position_on_equal_the_full_forward_and_checkpointing_keeps_the_gradients(scalar_head):
+    """logits_from=p runs the LM (or scalar) head only at positions p.. (PPO reads a response's log-probs and values
+    from P-1 on), with the numbers of the full forward sliced there, on a left-padded batch; and activation
+    checkpointing (--grad_checkpoint) recomputes each block in the backward pass without changing a gradient."""
+    model = tiny_gpt(scalar_head=scalar_head).train()
+    idx = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, :5] = False
+    full = model(idx, attention_mask=mask)
+    torch.testing.assert_close(model(idx, attention_mask=mask, logits_from=7), full[:, 7:], atol=1e-6, rtol=0)  # fp32
+    grads = []
+    for checkpointed in (False, True):
+        model.zero_grad()
+        model.grad_checkpoint = checkpointed
+        model(idx, attention_mask=mask, logits_from=7).float().square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, plain, atol=1e-7, rtol=0)  # same ops recomputed, dropout is 0

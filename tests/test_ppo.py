@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import common
 import ppo
 import sft
-from model import GPT, GPTConfig, load_model
+from model import GPT, GPTConfig, load_model, token_logprobs
 from sample import generate
 
 TOKENIZER = common.get_tokenizer("bytes")  # 256 byte ids + <|endoftext|> = 256
@@ -450,3 +450,77 @@ def test_eval_of_an_untrained_policy_is_a_tie_with_zero_kl(tmp_path):
     assert result["win_rate_rm"] == 0.5 and result["rm_score_ppo"] == result["rm_score_sft"]
     assert result["kl_ppo_sft"] == 0.0  # both log-probs come from the same full forward of identical weights
     assert all(result[k] is None for k in EVAL_KEYS if "labeler" in k)
+
+# ----------------------------------------------------------------------------- one GPU: precision, memory, dropout
+
+def test_bf16_autocast_log_probs_stay_within_a_hundredth_of_a_nat_of_fp32_at_gpt2_logit_scale():
+    """DESIGN, "Precision": under bf16 autocast the trunk may round, but the LM head and log-softmax run in fp32,
+    since PPO's ratio and KL are differences of log-probs. A GPT-2-vocabulary model (50,257 ids) whose embedding is
+    scaled so its logits reach GPT-2's magnitudes (~±100): bf16 keeps 8 mantissa bits, so logits rounded to bf16
+    would move log-probs by tenths of a nat (checked below, so the scale is real); ours stay within 1e-2."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=64)).eval()
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(60.0)  # tied: the LM head's logits grow 60x, the trunk's inputs too
+    g = torch.Generator().manual_seed(1)
+    tokens, mask, P = torch.randint(50257, (4, 40), generator=g), torch.ones(4, 40, dtype=torch.bool), 24
+    mask[1, :10] = False  # a left-padded row
+    with torch.no_grad():
+        fp32, logits = ppo.response_logprobs(model, tokens, mask, P, 0.7)  # (B, R), (B, R, V)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = ppo.response_logprobs(model, tokens, mask, P, 0.7)[0]
+    assert logits.abs().max() * 0.7 > 80  # GPT-2-like logits (before the temperature)
+    assert (bf16 - fp32).abs().max() < 1e-2  # nats per token; measured ~3e-3 (the bf16 trunk's share)
+    rounded = token_logprobs(logits.bfloat16(), tokens[:, P:])  # what a bf16 LM head would have produced
+    assert (rounded - fp32).abs().mean() > 0.05
+
+def run_with_recorded_ratios(cfg):
+    """ppo.main(cfg), recording every policy_loss call's masked log π - log π_old. -> (result, [log-ratios])"""
+    log_ratios, real_policy_loss = [], ppo.policy_loss
+
+    def recording_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
+        log_ratios.append(((logprobs - old_logprobs) * mask).detach())
+        return real_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ppo, "policy_loss", recording_policy_loss)
+        return ppo.main(cfg), log_ratios
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dropout_in_the_checkpoints_never_reaches_ppo(tmp_path, dtype):
+    """N+ details (Huang et al. 2024): no dropout in any of PPO's models. SFT and RM checkpoints trained with
+    --dropout=0.1 still give KL 0 and ratio exactly 1 on the first minibatch (π's train() forwards would drop
+    activations otherwise), under CPU bf16 autocast too: the fp32 heads are the same code in every forward."""
+    policy = eos_policy(2.0)
+    policy.config.dropout = 0.1
+    dropout_policy = GPT(policy.config)
+    dropout_policy.load_state_dict(policy.state_dict())
+    inputs = write_inputs(tmp_path, policy=dropout_policy)
+    rm_ckpt = common.load_checkpoint(inputs["reward"])
+    rm_ckpt["model_config"]["dropout"] = 0.1
+    common.save_checkpoint(os.path.join(inputs["reward"], "ckpt.pt"), rm_ckpt)
+    assert common.load_checkpoint(inputs["sft"])["model_config"]["dropout"] == 0.1
+    cfg = tiny_config(tmp_path / "run", inputs, n_iters=1, dtype=dtype)
+    _, log_ratios = run_with_recorded_ratios(cfg)
+    assert iteration_records(cfg.out_dir)[0]["objective/kl"] == 0.0
+    assert (log_ratios[0] == 0).all() and log_ratios[1].abs().max() > 1e-4
+
+def test_micro_batches_change_memory_not_the_update(tmp_path):
+    """--micro_batch_size splits each minibatch into micro-batches whose gradients accumulate, each loss weighted by
+    its share of the minibatch's real tokens, and the no-grad forwards into chunks: one iteration (4 Adam steps)
+    ends at the same weights and logs the same numbers as without. atol 1e-6: fp32, the same sums in another order."""
+    inputs = write_inputs(tmp_path)
+    runs = {}
+    for micro in (0, 1, 3):  # 3 leaves a ragged last micro-batch of a 4-row minibatch
+        cfg = tiny_config(tmp_path / f"micro_{micro}", inputs, n_iters=1, micro_batch_size=micro)
+        ppo.main(cfg)
+        runs[micro] = (common.load_checkpoint(cfg.out_dir), iteration_records(cfg.out_dir)[0])
+    (ckpt, record) = runs[0]
+    for micro in (1, 3):
+        other_ckpt, other_record = runs[micro]
+        for part in ("model", "value_model"):
+            for name, weight in ckpt[part].items():
+                torch.testing.assert_close(other_ckpt[part][name], weight, atol=1e-6, rtol=0, msg=f"{part}.{name}")
+        for key, value in record.items():
+            if not key.startswith("time/") and value is not None:
+                assert other_record[key] == pytest.approx(value, abs=1e-6), (micro, key)
+    assert not torch.equal(ckpt["model"]["lm_head.weight"], common.load_checkpoint(inputs["sft"])["model"]["lm_head.weight"])

@@ -273,3 +273,25 @@ def test_defaults_come_from_the_data_folder_and_a_missing_file_stops_before_trai
     result = reward.main(real)  # no labeler.py and no prompts_val.jsonl beside it: no agreement check, no error
     assert result["labeler_agreement"] is None
     assert common.load_checkpoint(real.out_dir, "reward")["reward_shift"] == result["reward_shift"]
+
+def test_micro_batches_change_memory_not_the_reward_models_training(rm_run, tmp_path):
+    """--micro_batch_size splits each batch of rankings into micro-batches whose gradients accumulate, each mean
+    weighted by its share of the batch's rankings: all 16 steps log the same losses (atol 1e-5: fp32, the same sums
+    in another order) and end at the same weights. Except three kinds of weights eq. (1) cannot see, since each
+    shifts every score (or, for attention's key biases, every attention logit of a query) by the same amount: their
+    exact gradient is 0, and Adam's normalisation turns the rounding noise left there into full-size steps."""
+    cfg, _ = rm_run
+    micro_cfg = replace(cfg, out_dir=str(tmp_path / "rm_micro"), micro_batch_size=3)  # 3 + 3 + 2 of 8 rankings
+    reward.main(micro_cfg)
+    losses = [[r["train/loss"] for r in common.read_jsonl(os.path.join(c.out_dir, "log.jsonl")) if "train/loss" in r]
+              for c in (cfg, micro_cfg)]
+    assert len(losses[0]) == 16 and losses[1] == pytest.approx(losses[0], abs=1e-5)
+    weights = [common.load_checkpoint(c.out_dir)["model"] for c in (cfg, micro_cfg)]
+    for name, weight in weights[0].items():
+        other = weights[1][name]
+        if name in ("score_head.bias", "transformer.ln_f.bias"):
+            continue
+        if name.endswith("attn.c_attn.bias"):  # [query; key; value] biases: drop the key third
+            C = len(weight) // 3
+            weight, other = torch.cat([weight[:C], weight[2 * C:]]), torch.cat([other[:C], other[2 * C:]])
+        torch.testing.assert_close(other, weight, atol=1e-5, rtol=0, msg=name)
