@@ -304,7 +304,7 @@ def read_json(path):
         try:
             return json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not valid JSON ({getattr(e, 'msg', e.reason)})") from None
+            raise ValueError(f"{path}: not valid JSON ({e.msg if hasattr(e, 'msg') else e.reason})") from None
 
 def download(url, path):
     """Fetch `url` to `path` with the standard library. Bytes go to `path.part` and are renamed only when the
@@ -365,17 +365,18 @@ def log(run_dir, record):
 
 # ----------------------------------------------------------------------------- run folders: never lose a run
 
-def prepare_run_dir(out_dir, resume=False, overwrite=False):
+def prepare_run_dir(out_dir, resume=None, overwrite=False):
     """Called at the top of every training stage's main. A folder holding a checkpoint is only reused with --resume
     (continue it) or --overwrite (replace it; its old log.jsonl is cleared so two runs' lines never mix), and a folder
     a live run is writing to is refused: out_dir/run.lock holds the owner's pid, is taken over when that process is
-    gone, and is removed when this one exits. Under torchrun only rank 0 writes, so only it takes the lock."""
+    gone, and is removed when this one exits. Under torchrun only rank 0 writes, so only it takes the lock.
+    resume=None: the stage has no --resume (reward.py, dpo.py)."""
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     if resume and overwrite:
         raise ValueError("--resume and --overwrite: give one (continue the run in out_dir, or replace it)")
     if os.path.exists(ckpt_path) and not (resume or overwrite):
-        raise ValueError(f"{ckpt_path}: a run is saved here; pass --resume to continue it, --overwrite to replace "
-                         f"it, or another --out_dir")
+        raise ValueError(f"{ckpt_path}: a run is saved here; pass " + ("--resume to continue it, " if resume is not None
+                         else "") + "--overwrite to replace it, or another --out_dir")
     if int(os.environ.get("RANK", 0)) != 0:
         return
     os.makedirs(out_dir, exist_ok=True)
