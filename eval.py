@@ -6,9 +6,12 @@ Writes DIR/eval.json; ppo.py calls evaluate() at its evaluations, and --report g
     python eval.py --policy=out/ppo --sft=out/sft --reward=out/rm --prompts=data/stories/prompts_val.jsonl \
         --out_dir=out/eval_ppo
     python eval.py --report
+    python eval.py --seeds_of='out/eval_ppo_seed*'     # mean ± standard error over training seeds
 The report's other rows: the base model zero-shot and few-shot (--few_shot=K demonstrations before each prompt, as
-InstructGPT prompts GPT-3 in its "GPT-3 prompted" baseline), and best-of-N sampling from SFT ranked by the RM.
+InstructGPT prompts GPT-3 in its "GPT-3 prompted" baseline), best-of-N sampling from SFT ranked by the RM, DPO,
+critic-free PPO, PPO from the base model; and the labeling-budget figure (run.sh budget).
 """
+import glob
 import hashlib
 import json
 import os
@@ -36,6 +39,7 @@ class Config:
     max_new_tokens: int = 120
     temperature: float = 0.7           # the same as PPO's rollouts
     report: bool = False               # gather out/*/eval.json into out/report.md instead
+    seeds_of: str = ""                 # instead: a glob of run folders, one per training seed: mean ± s.e.
     seed: int = 1337
     device: str = "auto"
     dtype: str = "auto"
@@ -143,7 +147,35 @@ def save_eval(out_dir, result, texts, prompts, n_show=3):
     for i in range(min(n_show, len(prompts))):  # reading samples is the best RLHF debugger
         tqdm.write(f"  prompt: {prompts[i].strip()}\n    SFT: {texts['sft'][i]}\n    PPO: {texts['ppo'][i]}")
 
-# ----------------------------------------------------------------------------- the report
+# ----------------------------------------------------------------------------- seeds and the report
+
+SEED_KEYS = ("labeler_score_ppo", "win_rate_labeler", "heldout_win_rate_labeler", "rm_score_ppo", "kl_ppo_sft")
+
+def seed_spread(pattern):
+    """Mean, standard error and count over the eval.json of every folder matching the glob `pattern`, one folder per
+    training seed: {key: (mean, s.e., n)} for each of SEED_KEYS that two or more runs have. s.e. = the sample standard
+    deviation / sqrt(n): how far the mean itself may be off, the number a claim "A beats B" must beat."""
+    runs = [read_json(path) for path in sorted(glob.glob(os.path.join(pattern, "eval.json")))]
+    spread = {}
+    for key in SEED_KEYS:
+        values = [result[key] for result in runs if result.get(key) is not None]
+        if len(values) >= 2:
+            mean = sum(values) / len(values)
+            std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+            spread[key] = (mean, std / len(values) ** 0.5, len(values))
+    return spread
+
+def budget_splits(out_root):
+    """run.sh budget's runs: (share of the budget spent on demonstrations in %, demonstrations, rankings, eval.json)
+    for every out/budget_d<share>/ that has been evaluated, by share."""
+    splits = []
+    for path in glob.glob(os.path.join(out_root, "budget_d*", "eval", "eval.json")):
+        folder = os.path.dirname(os.path.dirname(path))
+        share = os.path.basename(folder)[len("budget_d"):]
+        counts = [len(read_jsonl(os.path.join(folder, "data", f"{kind}_train.jsonl"))) for kind in ("sft", "prefs")]
+        if share.isdigit():
+            splits.append((int(share), *counts, read_json(path)))
+    return sorted(splits, key=lambda split: split[0])
 
 def write_report(out_root="out"):
     """InstructGPT's Figure 1 in miniature: every evaluated policy against SFT on the same val prompts, judged by the
@@ -152,19 +184,36 @@ def write_report(out_root="out"):
             ("best-of-N from SFT, ranked by the RM", "eval_bon"), ("PPO", "ppo"), ("PPO-ptx", "ppo_ptx"),
             ("PPO against the labeler itself (a perfect RM)", "ppo_gold")]
     rows += [(f"PPO, fixed β = {beta}", f"sweep_beta{beta}") for beta in ("0.1", "0.02", "0")]
+    rows += [("DPO", "eval_dpo"), ("critic-free PPO (RLOO)", "ppo_rloo"), ("PPO from the base model (no SFT)",
+                                                                           "eval_ppo_base")]
+    # run.sh seeds: each of these rows re-run on several training seeds, all evaluated at the same evaluation seed
+    seed_runs = {"ppo": "eval_ppo_seed*", "eval_dpo": "eval_dpo_seed*", "ppo_rloo": "eval_ppo_rloo_seed*"}
     fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
     lines = ["# nanoInstruct report (built-in stories task, val prompts)", "",
-             "| policy | labeler score | win rate vs SFT (labeler) | held-out win rate | RM score | KL to SFT |",
-             "|---|---|---|---|---|---|"]
+             "| policy | labeler score | win rate vs SFT (labeler) | held-out win rate | RM score | KL to SFT | "
+             "over training seeds: labeler score / win rate (mean ± s.e.) |", "|---|---|---|---|---|---|---|"]
     sweep = []
     for name, run_name in rows:
         path = os.path.join(out_root, run_name, "eval.json")
+        spread = seed_spread(os.path.join(out_root, seed_runs[run_name])) if run_name in seed_runs else {}
+        over_seeds = (" / ".join(f"{spread[k][0]:.3f} ± {spread[k][1]:.3f}" for k in SEED_KEYS[:2])
+                      + f" ({spread[SEED_KEYS[0]][2]} seeds)") if SEED_KEYS[1] in spread else "—"
         if os.path.exists(path):
             e = read_json(path)
             lines.append(f"| {name} | {fmt(e['labeler_score_ppo'])} | {fmt(e['win_rate_labeler'])} | "
-                         f"{fmt(e['heldout_win_rate_labeler'])} | {fmt(e['rm_score_ppo'])} | {fmt(e['kl_ppo_sft'])} |")
+                         f"{fmt(e['heldout_win_rate_labeler'])} | {fmt(e['rm_score_ppo'])} | {fmt(e['kl_ppo_sft'])} | "
+                         f"{over_seeds} |")
             if run_name.startswith("sweep") or run_name in ("eval_sft", "ppo"):  # SFT is the sweep's KL = 0 end
                 sweep.append((e["kl_ppo_sft"], e["rm_score_ppo"], e["labeler_score_ppo"]))
+    budget = budget_splits(out_root)
+    if budget:
+        lines += ["", "## One labeling budget: demonstrations or rankings? (run.sh budget)", "",
+                  "Assumed costs: a demonstration 1, a K = 4 ranking 2/3 (reading four stories against writing one).",
+                  "",
+                  "| budget on demonstrations | demonstrations | K = 4 rankings | PPO labeler score | win rate vs SFT |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {share}% | {n_demos:,} | {n_prefs:,} | {fmt(e['labeler_score_ppo'])} | "
+                  f"{fmt(e['win_rate_labeler'])} |" for share, n_demos, n_prefs, e in budget]
     samples_path = os.path.join(out_root, "ppo", "samples.json")
     if os.path.exists(samples_path):
         samples = read_json(samples_path)
@@ -201,6 +250,15 @@ def write_report(out_root="out"):
             with atomic_write(os.path.join(out_root, "overoptimization.png"), "wb") as f:
                 fig.savefig(f, format="png")
             lines += ["", "![over-optimisation](overoptimization.png)"]
+        if len(budget) > 1:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            ax.plot([b[0] for b in budget], [b[3]["labeler_score_ppo"] for b in budget], "o-")
+            ax.set(xlabel="share of the labeling budget spent on demonstrations (%)",
+                   ylabel="labeler score of the final PPO policy", title="a fixed budget: demonstrations vs rankings")
+            fig.tight_layout()
+            with atomic_write(os.path.join(out_root, "budget.png"), "wb") as f:
+                fig.savefig(f, format="png")
+            lines += ["", "![labeling budget](budget.png)"]
     except ImportError:
         lines += ["", "(install matplotlib for figures)"]
     text = "\n".join(lines) + "\n"
@@ -213,6 +271,13 @@ def write_report(out_root="out"):
 def main(cfg: Config) -> dict:
     if cfg.report:
         return write_report(os.path.dirname(cfg.out_dir) or "out")
+    if cfg.seeds_of:  # one line per judge: what a claim about this row may rest on
+        spread = seed_spread(cfg.seeds_of)
+        if not spread:
+            raise ValueError(f"--seeds_of={cfg.seeds_of}: fewer than two run folders with an eval.json match it")
+        for key, (mean, se, n) in spread.items():
+            print(f"{key:<26} {mean:.3f} ± {se:.3f}  (mean ± standard error over {n} training seeds)")
+        return spread
     check_config(cfg)
     set_seed(cfg.seed)
     device, dtype, ctx = setup_device(cfg.device, cfg.dtype)

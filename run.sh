@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole InstructGPT pipeline on the built-in stories task, on a laptop CPU (sized to stay under 10 min on 2 cores):
 #     bash run.sh          # prepare -> pretrain -> SFT -> reward model -> PPO -> evaluation -> out/report.md
-#     bash run.sh full     # also PPO-ptx, PPO against the labeler, a sweep over β (over-optimisation)
+#     bash run.sh full     # + PPO-ptx, PPO vs the labeler, a β sweep (over-optimisation); DPO, RLOO, PPO from base
+#     bash run.sh seeds    # PPO, DPO and critic-free PPO again on training seeds 1..${SEEDS:-3}: mean ± s.e. per row
+#     bash run.sh budget   # one labeling budget split five ways between demonstrations and rankings: out/budget.png
 #     bash run.sh gpt2     # GPT-2 small on HH-RLHF, for one GPU;  bash run.sh tldr: on OpenAI's TL;DR
 # Finished stages are skipped and interrupted ones resumed: delete out/<stage> to redo one. Device: automatic.
 set -euo pipefail
@@ -51,8 +53,8 @@ python $D/prepare.py
 python sft.py --mode=pretrain --data=$D/pretrain_train.jsonl --out_dir=out/base --max_steps=600 --batch_size=8 \
     --lr=6e-3 $(resume out/base)
 # -- step 1, SFT: loss on the demonstrations' response tokens only
-python sft.py --init=out/base --data=$D/sft_train.jsonl --out_dir=out/sft --max_steps=300 --lr=1e-3 \
-    --warmup_steps=20 $(resume out/sft)
+SFT="--init=out/base --max_steps=300 --lr=1e-3 --warmup_steps=20"  # the budget's SFT runs are the same
+python sft.py $SFT --data=$D/sft_train.jsonl --out_dir=out/sft $(resume out/sft)
 # -- step 2, the reward model: SFT trunk + scalar head, trained on all C(4,2) pairs of each ranking
 [ -f out/rm/ckpt.pt ] || python reward.py --init=out/sft --data=$D/prefs_train.jsonl --out_dir=out/rm
 # -- step 3, PPO against the RM with a KL penalty to the SFT model
@@ -75,6 +77,41 @@ if [ "$MODE" = full ]; then
     for BETA in 0.1 0.02 0; do
         python ppo.py --sft=out/sft --reward=out/rm --out_dir=out/sweep_beta$BETA --adaptive_kl=false \
             --init_kl_coef=$BETA --n_iters=45 $(resume out/sweep_beta$BETA)
+    done
+    # DPO (Rafailov et al. 2023) on the RM's rankings, from and against SFT
+    [ -f out/dpo/ckpt.pt ] || python dpo.py --sft=out/sft --data=$D/prefs_train.jsonl --out_dir=out/dpo
+    [ -f out/eval_dpo/eval.json ] || $EVAL --policy=out/dpo --out_dir=out/eval_dpo
+    # critic-free PPO: RLOO (Ahmadian et al. 2024), 16 prompts x 4 samples, the same 64 rollouts per iteration
+    python ppo.py --out_dir=out/ppo_rloo --advantage=rloo --samples_per_prompt=4 $(resume out/ppo_rloo)
+    # RLHF without SFT: PPO from the base model (its reference and start), judged against SFT like every row
+    python ppo.py --sft=out/base --out_dir=out/ppo_base $(resume out/ppo_base)
+    [ -f out/eval_ppo_base/eval.json ] || $EVAL --policy=out/ppo_base --out_dir=out/eval_ppo_base
+fi
+if [ "$MODE" = seeds ]; then
+    # the same SFT model and RM; each training seed changes the data order and the draws, never the evaluation seed
+    for S in $(seq 1 ${SEEDS:-3}); do
+        python ppo.py --out_dir=out/ppo_seed$S --seed=$S $(resume out/ppo_seed$S)
+        python ppo.py --out_dir=out/ppo_rloo_seed$S --seed=$S --advantage=rloo --samples_per_prompt=4 \
+            $(resume out/ppo_rloo_seed$S)
+        [ -f out/dpo_seed$S/ckpt.pt ] || python dpo.py --out_dir=out/dpo_seed$S --seed=$S
+        for R in ppo ppo_rloo dpo; do
+            [ -f out/eval_${R}_seed$S/eval.json ] || $EVAL --policy=out/${R}_seed$S --out_dir=out/eval_${R}_seed$S
+        done
+    done
+    for R in ppo ppo_rloo dpo; do echo "$R:"; python eval.py --seeds_of="out/eval_${R}_seed*"; done
+fi
+if [ "$MODE" = budget ]; then
+    # The default task's labeling budget, 5,000 demonstrations + 5,000 K = 4 rankings, split five ways. Assumed costs,
+    # by the words a labeler handles: a demonstration means writing one ~20-word story, a ranking reading four of
+    # them and ordering them; reading runs ~6x faster than writing (~240 against ~40 words a minute), so a ranking
+    # costs 4/6 = 2/3 of a demonstration. In thirds: 3 per demonstration, 2 per ranking, 25,000 in all.
+    for SHARE in 10 30 60 80 95; do  # % of the budget on demonstrations (60 is the default task's split)
+        B=out/budget_d$SHARE N=$(( 25000 * SHARE / 300 ))
+        python $D/prepare.py --out $B/data --n_demos=$N --n_prefs=$(( (25000 - 3 * N) / 2 ))
+        python sft.py $SFT --data=$B/data/sft_train.jsonl --out_dir=$B/sft $(resume $B/sft)
+        [ -f $B/rm/ckpt.pt ] || python reward.py --init=$B/sft --data=$B/data/prefs_train.jsonl --out_dir=$B/rm
+        python ppo.py --sft=$B/sft --reward=$B/rm --out_dir=$B/ppo $(resume $B/ppo)  # the default task's prompts
+        [ -f $B/eval/eval.json ] || $EVAL --policy=$B/ppo --out_dir=$B/eval
     done
 fi
 python eval.py --report

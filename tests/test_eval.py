@@ -8,6 +8,7 @@ import json
 import math
 import os
 
+import pytest
 import torch
 
 import common
@@ -91,3 +92,49 @@ def test_win_rate_counts_ties_as_half():
     assert eval.win_rate(a, b) == (1 + 0.5 + 0 + 0.5) / 4
     assert eval.win_rate(a, a) == 0.5 and eval.win_rate(b, a) == 1 - eval.win_rate(a, b)
     assert math.isnan(eval.win_rate(torch.tensor([]), torch.tensor([])))
+
+def fake_eval(folder, labeler_score, win_rate):
+    """An eval.json with every key, as eval.main writes it, for the report's and the seeds tool's tests."""
+    result = {key: 0.0 for key in EVAL_KEYS}
+    result.update(labeler_score_ppo=labeler_score, win_rate_labeler=win_rate, n_prompts=200)
+    os.makedirs(folder, exist_ok=True)
+    common.write_json(os.path.join(folder, "eval.json"), result)
+
+def test_seeds_of_gives_the_mean_and_standard_error_over_training_seeds(tmp_path):
+    """--seeds_of: over the runs of one row on S training seeds, the mean and the standard error of the mean (sample
+    standard deviation / sqrt(S), computed here with the statistics module), which is what a claim that one method
+    beats another must rest on; the report shows it beside that row. Fewer than two runs is a one-line error."""
+    import statistics
+    scores, wins = [0.80, 0.84, 0.78], [0.70, 0.76, 0.73]
+    for seed, (s, w) in enumerate(zip(scores, wins), 1):
+        fake_eval(tmp_path / f"eval_ppo_seed{seed}", s, w)
+    spread = eval.main(eval.Config(seeds_of=str(tmp_path / "eval_ppo_seed*")))
+    for key, values in (("labeler_score_ppo", scores), ("win_rate_labeler", wins)):
+        mean, se, n = spread[key]
+        assert n == 3 and abs(mean - statistics.mean(values)) < 1e-12
+        assert abs(se - statistics.stdev(values) / math.sqrt(3)) < 1e-12
+    fake_eval(tmp_path / "ppo", 0.81, 0.72)
+    eval.write_report(str(tmp_path))
+    row = next(line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| PPO |"))
+    assert f"{statistics.mean(scores):.3f} ± {statistics.stdev(scores) / math.sqrt(3):.3f}" in row and "3 seeds" in row
+    with pytest.raises(ValueError, match="fewer than two run folders"):
+        eval.main(eval.Config(seeds_of=str(tmp_path / "eval_dpo_seed*")))
+
+def test_report_has_the_new_methods_rows_and_the_labeling_budget_table(tmp_path):
+    """The report's rows for DPO, critic-free PPO and PPO from the base model, each judged against SFT, and one row
+    of the labeling-budget table per evaluated split, ordered by the share of the budget spent on demonstrations,
+    with the demonstrations and rankings counted from that split's own data files."""
+    for run_name, score in (("eval_dpo", 0.7), ("ppo_rloo", 0.8), ("eval_ppo_base", 0.5)):
+        fake_eval(tmp_path / run_name, score, score)
+    for share, n_demos, n_prefs in ((80, 4, 1), (20, 1, 6)):
+        folder = tmp_path / f"budget_d{share}"
+        common.write_jsonl(str(folder / "data" / "sft_train.jsonl"), [{"prompt": "p", "response": "r"}] * n_demos)
+        common.write_jsonl(str(folder / "data" / "prefs_train.jsonl"), [{"prompt": "p", "chosen": "a",
+                                                                          "rejected": "b"}] * n_prefs)
+        fake_eval(folder / "eval", share / 100, 0.5)
+    eval.write_report(str(tmp_path))
+    lines = (tmp_path / "report.md").read_text().splitlines()
+    for name in ("| DPO | 0.700", "| critic-free PPO (RLOO) | 0.800", "| PPO from the base model (no SFT) | 0.500"):
+        assert any(line.startswith(name) for line in lines), name
+    budget = [line for line in lines if line.startswith("| 20%") or line.startswith("| 80%")]
+    assert budget == ["| 20% | 1 | 6 | 0.200 | 0.500 |", "| 80% | 4 | 1 | 0.800 | 0.500 |"]
