@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (all_reduce_sum, check_finite, check_range, get_lr, get_tokenizer, load_labeler, log,
-                    peak_memory, prepare_run_dir, read_jsonl, run, save_checkpoint, set_seed, setup_device,
-                    setup_distributed, val_path_for, wrap_ddp)
+from common import (all_reduce_sum, check_finite, check_range, get_lr, get_tokenizer, load_labeler, log, peak_memory,
+                    prepare_run_dir, read_jsonl, run, save_checkpoint, set_seed, setup_device, setup_distributed,
+                    sync_gradients, val_path_for, wrap_ddp)
 from model import GPT, last_token_scores, load_model
 from sample import generate
 from sft import encode_example, is_too_long
@@ -278,14 +278,13 @@ def main(cfg: Config) -> dict:
         # share of them, times world_size because DDP averages the processes' gradients (1 in one process). Summed
         # over micro-batches, the gradients are those of the whole batch: micro-batching changes memory only.
         # Rankings of identical responses carry no preference (no loss, no accuracy): left out of the forwards, so that
-        # no micro-batch is all ties.
-        ranked_idx = [i for i in my_idx if n_ranked([i])]
+        # no micro-batch is all ties; a process left with none still runs one (zero) backward, as DDP needs of all.
+        ranked_idx = [i for i in my_idx if n_ranked([i])] or my_idx
         size = cfg.micro_batch_size or len(ranked_idx)
         micro_batches = [ranked_idx[i:i + size] for i in range(0, len(ranked_idx), size)]
         loss, n_correct, n_pairs = 0.0, 0, 0
         for micro_step, micro_idx in enumerate(micro_batches):
-            if world_size > 1:  # share gradients once per step, in the last micro-step's backward (nanoGPT)
-                ddp_model.require_backward_grad_sync = micro_step == len(micro_batches) - 1
+            sync_gradients(ddp_model, micro_step == len(micro_batches) - 1)  # several processes: once per step
             with ctx:
                 micro_loss, micro_correct, micro_pairs = ranking_loss(train_model, tokenizer,
                                                                       [train[i] for i in micro_idx], block_size, device)

@@ -124,6 +124,23 @@ def test_reward_model_on_two_processes_of_batch_b_steps_as_one_process_of_batch_
         assert b["train/accuracy"] == a["train/accuracy"] and b.get("val/accuracy") == a.get("val/accuracy")
     assert expected[-2]["train/loss"] < expected[0]["train/loss"] - 0.1  # it learned: the comparison has teeth
 
+def test_a_process_whose_share_is_all_ties_still_steps_with_the_others(tmp_path):
+    """Rankings of identical responses carry no preference and are left out of the loss, but DDP needs every process
+    in every backward: with 7 tied rankings and one real one, in global batches of 2, the real one shares its step
+    with a tie, so one process holds nothing to learn. It still runs a zero backward, and the run matches one
+    process of batch 2 (the tie adds nothing to the loss, the accuracy or the gradient)."""
+    one = rm_config(tmp_path, "one", batch_size=2, group_by_length=0, eval_interval=100)
+    rows = [{"prompt": "Tell me about the cat.\n", "chosen": "The cat is here.", "rejected": "The cat is here."}] * 7
+    common.write_jsonl(one.data, rows + [{"prompt": "Tell me about the cat.\n", "chosen": "The cat is happy.",
+                                          "rejected": "The cat is sad."}])
+    reward.main(one)
+    two = rm_config(tmp_path, "two", batch_size=1, group_by_length=0, eval_interval=100)
+    run_processes(reward.main, two)
+    expected, got = read_log(one.out_dir)[:-1], read_log(two.out_dir)[:-1]
+    assert len(got) == len(expected) == 4 and sum(r["train/loss"] > 0 for r in expected) == 1  # one step learns
+    for a, b in zip(expected, got):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], abs=1e-6) and b["train/accuracy"] == a["train/accuracy"]
+
 # ----------------------------------------------------------------------------- PPO
 
 def whiten_my_half(x, mask, out):
