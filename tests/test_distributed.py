@@ -180,7 +180,8 @@ def test_ppo_on_two_processes_keeps_beta_and_both_models_identical_on_every_rank
     """Each process samples its own rollouts, but what PPO adapts and trains is shared: the mean KL that drives
     Ziegler et al.'s controller is all-reduced, so β is the same on both ranks after each iteration, and DDP's
     averaged gradients (synced on the last of two micro-batches, and after the PPO-ptx backward) keep π and V
-    bit-identical after every optimizer step. Rank 0's checkpoint then resumes in a single process."""
+    bit-identical after every optimizer step. Rank 0's checkpoint then resumes in a single process, and that one's
+    under two again (rank 1's sampler reseeded from seed, rank and iteration)."""
     inputs = write_inputs(tmp_path)
     text = str(tmp_path / "pretrain_train.jsonl")
     common.write_jsonl(text, [{"text": "zq " * 20}] * 8)
@@ -201,6 +202,12 @@ def test_ppo_on_two_processes_keeps_beta_and_both_models_identical_on_every_rank
     ppo.main(replace(cfg, n_iters=3, resume=True))  # one process, from the two-process checkpoint
     logged = iteration_records(cfg.out_dir)
     assert [r["step"] for r in logged] == [1, 2, 3] and logged[1]["objective/kl_coef"] == ranks[0]["betas"][1]
+    os.remove(os.path.join(cfg.out_dir, "run.lock"))  # the in-process run keeps its lock until pytest exits
+    run_processes(record_ppo, replace(cfg, n_iters=4, resume=True))
+    ranks = [torch.load(os.path.join(cfg.out_dir, f"rank{r}.pt")) for r in range(2)]
+    assert [r["step"] for r in iteration_records(cfg.out_dir)] == [1, 2, 3, 4]
+    assert len(ranks[0]["betas"]) == 1 and ranks[0]["betas"] == ranks[1]["betas"]
+    assert all(torch.equal(w0, w1) for w0, w1 in zip(ranks[0]["weights"], ranks[1]["weights"]))
 
 # ----------------------------------------------------------------------------- errors
 
