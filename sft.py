@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import (all_reduce_sum, check_finite, check_range, get_lr, get_tokenizer, log, prepare_run_dir,
+from common import (all_reduce_sum, check_finite, check_range, get_lr, get_tokenizer, log, peak_memory, prepare_run_dir,
                     read_jsonl, resume_checkpoint, run, save_checkpoint, set_seed, setup_device, setup_distributed,
                     sync_gradients, val_path_for, wrap_ddp)
 from model import GPT, GPTConfig, load_model
@@ -231,8 +231,9 @@ def main(cfg: Config) -> dict:
         train_loss = all_reduce_sum(step_loss).item() / world_size  # sync point: once per step; the global mean
         dt = time.time() - t0
         record = {"step": step, "train/loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
-                  "tokens_per_s": int(n_targets) / dt}  # all processes' tokens
-        bar.set_postfix_str(f"loss {train_loss:.3f} | lr {lr:.1e} | {dt * 1000:.0f}ms")
+                  "tokens_per_s": int(n_targets) / dt, **peak_memory(device)}  # all processes' tokens
+        bar.set_postfix_str(f"loss {train_loss:.3f} | lr {lr:.1e} | {dt * 1000:.0f}ms"
+                            + (f" | peak {record['memory/peak_gib']:.1f} GiB" if "memory/peak_gib" in record else ""))
         is_eval = val and (step % cfg.eval_interval == 0 or step == cfg.max_steps)
         if is_eval:
             record["val/loss"] = val_loss = estimate_val_loss()
