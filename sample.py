@@ -139,10 +139,8 @@ CACHE_BUCKET = 64  # generate() sizes its cache to P + N rounded up to a multipl
 
 def sample_into(logits, tokens, attention_mask, logprobs, is_finished, step, u, P, sampling, eos_id, pad_id):
     """Sample token number `step` of every response from logits (B, V) and write it in place: tokens and
-    attention_mask (B, S) at column P + step, logprobs (B, N) at column step; then advance step (1,) by one.
-    step and P are (1,) long tensors on the device.
-    A row that emitted eos_id earlier gets padding (pad_id, masked out, log-prob 0). Tensor ops only: the step index
-    is a device tensor, so nothing here depends on a host value that changes from one step to the next."""
+    attention_mask (B, S) at column P + step, logprobs (B, N) at column step; then advance step by one. step and P
+    are (1,) device tensors. A row that emitted eos_id earlier gets padding (pad_id, masked out, log-prob 0)."""
     next_tokens, next_logprobs = sample_next(logits, *sampling, u=u)  # (B,), (B,)
     is_real = ~is_finished  # decided before this token, so the end-of-text itself is real
     column = step + P  # (1,)
@@ -155,22 +153,19 @@ def sample_into(logits, tokens, attention_mask, logprobs, is_finished, step, u, 
 
 def decode_step(model, cache, tokens, attention_mask, logprobs, is_finished, step, u, P, sampling, eos_id, pad_id):
     """One decode step for the whole batch: feed the token sampled last (column and cache slot P + step - 1) through
-    the model, then sample the next one into column P + step (sample_into). Every tensor keeps its shape and its
-    storage for a whole generate() call and the step index lives on the device, so this function can be compiled
-    as one graph (torch.compile(decode_step, fullgraph=True)) and captured once, then replayed (CUDA graphs). The
-    cache has S = P + N rounded up to CACHE_BUCKET slots, so calls of similar lengths share the compiled shapes;
-    slots past P + step are masked out and hold nothing yet."""
+    the model, then sample the next one (sample_into). Every tensor keeps its shape and storage for a whole call, the
+    step lives on the device and no host value is read, so torch.compile(decode_step, fullgraph=True) traces it as
+    one graph and a CUDA graph can replay it. Cache slots past P + step are masked out and hold nothing yet."""
     slot = step + (P - 1)  # (1,)
     logits = model(tokens.index_select(1, slot), attention_mask=attention_mask, cache=cache, slots=slot)[:, -1]
     sample_into(logits, tokens, attention_mask, logprobs, is_finished, step, u, P, sampling, eos_id, pad_id)
 
 def capture_cuda_graph(run_step, state):
-    """Record run_step() once into a CUDA graph and return the graph's replay: one launch per token instead of a few
-    hundred small kernels (GPT-2 small's decode is launch-bound). run_step must be run a few times before capture
-    (cuBLAS set-up, autocast's cast weights, the allocator), on a side stream as PyTorch's CUDA-graph notes say; those
-    warm-up steps write into the state, so it is restored afterwards. They also write cache slots P and P + 1, but
-    slot P with exactly what the real step writes, and slot P + 1 is overwritten before any query can see it.
-    Not yet measured on a GPU: no CUDA device was available when this was written (docs/gpu.md)."""
+    """Record run_step() once into a CUDA graph and return its replay: one launch per token instead of hundreds of
+    small kernels (GPT-2 small's decode is launch-bound). Warm-up runs first, on a side stream (PyTorch's CUDA-graph
+    notes: cuBLAS, autocast's cast weights, the allocator); the state it writes is restored. It also writes cache
+    slot P (with what the real step writes) and P + 1 (overwritten before any query sees it). Not yet measured on a
+    GPU (docs/gpu.md)."""
     saved = [t.clone() for t in state]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -89,12 +89,8 @@ def rollout(policy, ref_policy, n_new=12, seed=0, temperature=0.7, copies=1):
                     for m in (policy, ref_policy)]
     return out, *logprobs
 
-@pytest.fixture(scope="module")
-def ppo_run(tmp_path_factory):
-    """ppo.main for 4 iterations with a labeler (~2 s). Every policy_loss call's log-ratio is recorded on the way,
-    to see the ratio where it is used. Returns (cfg, eval.json's dict, [log π - log π_old per minibatch])."""
-    folder = tmp_path_factory.mktemp("ppo")
-    cfg = tiny_config(folder / "A", write_inputs(folder, with_labeler=True))
+def run_with_recorded_ratios(cfg):
+    """ppo.main(cfg), recording every policy_loss call's masked log π - log π_old. -> (result, [log-ratios])"""
     log_ratios, real_policy_loss = [], ppo.policy_loss
 
     def recording_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
@@ -102,8 +98,15 @@ def ppo_run(tmp_path_factory):
         return real_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ppo, "policy_loss", recording_policy_loss)
-        result = ppo.main(cfg)
-    return cfg, result, log_ratios
+        return ppo.main(cfg), log_ratios
+
+@pytest.fixture(scope="module")
+def ppo_run(tmp_path_factory):
+    """ppo.main for 4 iterations with a labeler (~2 s). Every policy_loss call's log-ratio is recorded on the way,
+    to see the ratio where it is used. Returns (cfg, eval.json's dict, [log π - log π_old per minibatch])."""
+    folder = tmp_path_factory.mktemp("ppo")
+    cfg = tiny_config(folder / "A", write_inputs(folder, with_labeler=True))
+    return cfg, *run_with_recorded_ratios(cfg)
 
 # ----------------------------------------------------------------------------- before the first update: π = π_ref
 
@@ -473,17 +476,6 @@ def test_bf16_autocast_log_probs_stay_within_a_hundredth_of_a_nat_of_fp32_at_gpt
     assert (bf16 - fp32).abs().max() < 1e-2  # nats per token; measured ~3e-3 (the bf16 trunk's share)
     rounded = token_logprobs(logits.bfloat16(), tokens[:, P:])  # what a bf16 LM head would have produced
     assert (rounded - fp32).abs().mean() > 0.05
-
-def run_with_recorded_ratios(cfg):
-    """ppo.main(cfg), recording every policy_loss call's masked log π - log π_old. -> (result, [log-ratios])"""
-    log_ratios, real_policy_loss = [], ppo.policy_loss
-
-    def recording_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange):
-        log_ratios.append(((logprobs - old_logprobs) * mask).detach())
-        return real_policy_loss(logprobs, old_logprobs, advantages, mask, cliprange)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ppo, "policy_loss", recording_policy_loss)
-        return ppo.main(cfg), log_ratios
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_dropout_in_the_checkpoints_never_reaches_ppo(tmp_path, dtype):
