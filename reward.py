@@ -204,7 +204,7 @@ def main(cfg: Config) -> dict:
     # backward pass, so the RM reads more rankings in its time budget, which is what its accuracy grows with; how
     # many blocks to freeze is measured in docs/experiments.md#reward-model.
     if not 0 <= cfg.freeze_layers < model.config.n_layer:
-        raise ValueError(f"freeze_layers={cfg.freeze_layers}: must leave at least one of the model's "
+        raise ValueError(f"--freeze_layers={cfg.freeze_layers}: must leave at least one of the model's "
                          f"{model.config.n_layer} blocks to train")
     if cfg.freeze_layers:
         for module in [model.transformer.wte, model.transformer.wpe, *model.transformer.h[:cfg.freeze_layers]]:

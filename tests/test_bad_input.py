@@ -245,7 +245,7 @@ CASES = [
     Case("rm_epochs_0", "reward", rm_args("--epochs=0"), "--epochs=0"),
     Case("rm_eval_interval_0", "reward", rm_args("--eval_interval=0"), "--eval_interval=0"),
     Case("rm_lr_negative", "reward", rm_args("--lr=-1.0"), "--lr=-1.0"),
-    Case("rm_freeze_every_block", "reward", rm_args("--freeze_layers=1"), "freeze_layers=1"),
+    Case("rm_freeze_every_block", "reward", rm_args("--freeze_layers=1"), "--freeze_layers=1: must leave"),
     Case("rm_empty_file", "reward", rm_args(data="{w}/bad/empty_train.jsonl"), "empty_train.jsonl: no rows"),
     Case("rm_invalid_utf8", "reward", rm_args(data="{w}/bad/utf8_train.jsonl"), "utf8_train.jsonl:2: not valid UTF-8"),
     Case("rm_one_way_ranking", "reward", rm_args("--val_data={d}/prefs_val.jsonl", data="{w}/bad/oneway_train.jsonl"),
