@@ -264,16 +264,22 @@ def atomic_write(path, mode="w"):
             os.remove(stale)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        with naming(path), open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
         os.replace(tmp, path)
+    finally:  # a failed write leaves neither a half-written file nor its temp file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+@contextmanager
+def naming(path):
+    """Re-raise a full disk or a refused write as an OSError naming `path`: a failed write() names no file."""
+    try:
+        yield
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
             raise OSError(e.errno, os.strerror(e.errno), path) from None
         raise
-    finally:  # a failed write leaves neither a half-written file nor its temp file behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 def is_alive(pid):
     """Whether process `pid` is running (signal 0 checks without sending anything)."""
@@ -360,7 +366,8 @@ def load_checkpoint(path, kind=None):
 def log(run_dir, record):
     """Append one JSON line to out/<run>/log.jsonl: the machine-readable twin of the printed line."""
     os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "log.jsonl"), "a", encoding="utf-8") as f:
+    path = os.path.join(run_dir, "log.jsonl")
+    with naming(path), open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
 
 # ----------------------------------------------------------------------------- run folders: never lose a run

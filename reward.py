@@ -61,7 +61,7 @@ def check_config(cfg):
     """Every setting's range, checked before anything runs: one place, so new keys go here."""
     check_range(cfg, ("n_normalize", "batch_size", "epochs", "eval_interval", "max_new_tokens"), 1)
     check_range(cfg, ("lr", "n_agreement", "freeze_layers", "group_by_length", "warmup_steps", "weight_decay",
-                      "grad_clip", "micro_batch_size"), 0)
+                      "grad_clip", "micro_batch_size", "max_steps"), 0)
 
 # ----------------------------------------------------------------------------- the math (tests import these)
 

@@ -142,6 +142,21 @@ def json_disk_full(out_dir, world, monkeypatch):
         return real_dump(obj, f, **kwargs)
     monkeypatch.setattr(json, "dump", full)
 
+def log_disk_full(out_dir, world, monkeypatch):  # the disk fills on an append to log.jsonl
+    class Full:
+        def __init__(self, f):
+            self.f = f
+        def __enter__(self):
+            return self
+        def __exit__(self, *args):
+            self.f.close()
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    def full_log(path, mode="r", **kwargs):
+        f = open(path, mode, **kwargs)
+        return Full(f) if str(path).endswith("log.jsonl") and mode == "a" else f
+    monkeypatch.setattr(common, "open", full_log, raising=False)  # common's open, before the builtin
+
 def nan_rewards(out_dir, world, monkeypatch):  # the rewards go nan: the update makes π nan; it must not be saved
     import ppo
     real = ppo.compute_rewards
@@ -239,12 +254,14 @@ CASES = [
     Case("sft_stale_temp_and_lock_cleaned", "sft", sft_args(), setup=stale_temp_and_lock, check=cleaned),
     Case("sft_disk_full_during_save", "sft", sft_args(), "ckpt.pt: no space left on device", setup=disk_full),
     Case("sft_read_only_out_dir", "sft", sft_args(), "ckpt.pt: read-only file system", setup=read_only),
+    Case("sft_disk_full_during_log", "sft", sft_args(), "log.jsonl: no space left on device", setup=log_disk_full),
     Case("sft_loss_goes_nan", "sft", sft_args(), "step 1: train/loss is nan; stopped before saving", setup=nan_loss),
     # -- reward.py
     Case("rm_batch_size_0", "reward", rm_args("--batch_size=0"), "--batch_size=0"),
     Case("rm_epochs_0", "reward", rm_args("--epochs=0"), "--epochs=0"),
     Case("rm_eval_interval_0", "reward", rm_args("--eval_interval=0"), "--eval_interval=0"),
     Case("rm_lr_negative", "reward", rm_args("--lr=-1.0"), "--lr=-1.0"),
+    Case("rm_max_steps_negative", "reward", rm_args("--max_steps=-1"), "--max_steps=-1: must be >= 0"),
     Case("rm_freeze_every_block", "reward", rm_args("--freeze_layers=1"), "--freeze_layers=1: must leave"),
     Case("rm_empty_file", "reward", rm_args(data="{w}/bad/empty_train.jsonl"), "empty_train.jsonl: no rows"),
     Case("rm_invalid_utf8", "reward", rm_args(data="{w}/bad/utf8_train.jsonl"), "utf8_train.jsonl:2: not valid UTF-8"),
@@ -458,3 +475,9 @@ def test_a_run_killed_mid_training_resumes_without_repeating_log_lines(world, tm
     assert status == 0, stderr
     assert "no longer running" in stdout
     assert log_steps(out_dir) == list(range(1, logged[-1] + 4))
+
+def test_the_docs_table_has_one_row_per_case_in_order():
+    """docs/bad_inputs.md is the table of this list: a case added here without its row (or the reverse) fails."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(common.__file__)), "docs", "bad_inputs.md")) as f:
+        scripts = [line.split(" | ")[0][2:] for line in f if line.startswith("| ") and ".py | " in line[:14]]
+    assert scripts == [f"{case.script}.py" for case in CASES]
