@@ -105,6 +105,8 @@ def sft_side_cached(sft_policy, reward_model, tokenizer, prompts, cfg, ctx, sft_
     write_json(path, {"texts": texts, "rm_scores": rm_scores.tolist()}, indent=None)  # a reader never sees half
     return texts, rm_scores
 
+KL_CHUNK = 64  # rows per forward of the KL estimate: n_eval rows of GPT-2-sized logits at once may not fit a GPU
+
 @torch.no_grad()
 def evaluate(policy, sft_policy, reward_model, tokenizer, prompts, labeler, cfg, ctx, prefix="", best_of=1,
              sft_side=None):
@@ -123,8 +125,10 @@ def evaluate(policy, sft_policy, reward_model, tokenizer, prompts, labeler, cfg,
         ppo_texts, ppo_scores, out = sample_and_score(policy, reward_model, tokenizer, prompts, cfg, ctx, prefix,
                                                       best_of)
     if out is not None:  # KL(π || π_sft) on π's samples, per sequence
+        chunks = [slice(i, i + KL_CHUNK) for i in range(0, len(out.tokens), KL_CHUNK)]  # memory, not results
         with ctx:
-            logprobs = [response_logprobs(m, out.tokens, out.attention_mask, out.prompt_len, cfg.temperature)[0]
+            logprobs = [torch.cat([response_logprobs(m, out.tokens[c], out.attention_mask[c], out.prompt_len,
+                                                     cfg.temperature)[0] for c in chunks])
                         for m in (policy, sft_policy)]  # the same code path for both, as in training
         result["kl_ppo_sft"] = ((logprobs[0] - logprobs[1]) * out.response_mask).sum(1).mean().item()
     texts, rm_scores, gold = {"ppo": ppo_texts, "sft": sft_texts}, {"ppo": ppo_scores, "sft": sft_scores}, {}
