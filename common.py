@@ -161,6 +161,13 @@ def setup_distributed(device="auto"):
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo", rank=rank, world_size=world_size)
     return rank, world_size, device
 
+def one_process_only(script):
+    """For the scripts that do not split their work (evaluation, DPO): under torchrun they would run N copies that
+    overwrite each other's output, so they say so instead."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"{script} runs as one process: start it with python, not torchrun "
+                         f"(WORLD_SIZE={os.environ['WORLD_SIZE']})")
+
 def _is_distributed():
     return dist.is_initialized() and dist.get_world_size() > 1
 

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from common import (check_finite, check_range, get_lr, get_tokenizer, log, prepare_run_dir, run, save_checkpoint,
-                    set_seed, setup_device, val_path_for)
+from common import (check_finite, check_range, get_lr, get_tokenizer, log, one_process_only, prepare_run_dir, run,
+                    save_checkpoint, set_seed, setup_device, val_path_for)
 from model import load_model, token_logprobs
 from reward import length_grouped_batches, load_rankings, ranking_pairs_loss
 from sft import encode_example, make_batch
@@ -93,6 +93,7 @@ def dpo_loss(policy, ref_policy, tokenizer, batch, beta, block_size, device):
 
 def main(cfg: Config) -> dict:
     check_config(cfg)
+    one_process_only("dpo.py")
     prepare_run_dir(cfg.out_dir, overwrite=cfg.overwrite)
     set_seed(cfg.seed)
     device, dtype, ctx = setup_device(cfg.device, cfg.dtype, cfg.compile)

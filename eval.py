@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from common import (atomic_write, check_range, get_tokenizer, load_labeler, read_json, read_jsonl, run, set_seed,
-                    setup_device, write_json)
+from common import (atomic_write, check_range, get_tokenizer, load_labeler, one_process_only, read_json, read_jsonl,
+                    run, set_seed, setup_device, write_json)
 from model import load_model, response_logprobs
 from reward import encode_for_scoring, score
 from sample import best_of_n, generate
@@ -273,6 +273,7 @@ def write_report(out_root="out"):
 # ----------------------------------------------------------------------------- config -> models -> data -> judge
 
 def main(cfg: Config) -> dict:
+    one_process_only("eval.py")
     if cfg.report:
         return write_report(os.path.dirname(cfg.out_dir) or "out")
     if cfg.seeds_of:  # one line per judge: what a claim about this row may rest on

@@ -18,6 +18,8 @@ import torch.multiprocessing as mp
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import common
+import dpo
+import eval as evaluation
 import ppo
 import reward
 import sft
@@ -223,3 +225,13 @@ def test_rank_set_without_the_rest_of_torchrun_s_environment_is_a_one_line_error
         message = str(excinfo.value)
         assert "\n" not in message and "WORLD_SIZE" in message and "torchrun" in message
         assert not dist.is_initialized() and not os.path.exists(cfg.out_dir)  # nothing started, nothing written
+
+def test_the_one_process_scripts_refuse_torchrun_instead_of_racing(tmp_path, monkeypatch):
+    """eval.py and dpo.py do not split their work: under torchrun each process would write the same eval.json or
+    checkpoint. They stop at once with one line saying to start them with python, and write nothing."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for main, cfg in ((evaluation.main, evaluation.Config(out_dir=str(tmp_path / "eval"))),
+                      (dpo.main, dpo.Config(out_dir=str(tmp_path / "dpo")))):
+        with pytest.raises(ValueError, match="runs as one process: start it with python, not torchrun"):
+            main(cfg)
+        assert not os.path.exists(cfg.out_dir)
