@@ -62,19 +62,23 @@ def check_config(cfg):
 
 def encode_responses(tokenizer, batch, block_size, device):
     """Every response of a batch of rankings as one right-padded row: inputs x (N, T) and targets y (N, T), -1 on
-    prompt and padding (sft.make_batch, the SFT loss mask). N = sum of K, in the batch's order, best first."""
+    prompt and padding (sft.make_batch, the SFT loss mask). N = sum of K, in the batch's order, best first. Also the
+    first column where any target is a response token: the columns before it are prompt in every row."""
     examples = [encode_example(tokenizer, prompt, response, block_size) for prompt, ranking in batch
                 for response in ranking]
     x, y = make_batch(examples, tokenizer.eot_token)
-    return x.to(device), y.to(device)
+    start = max(0, min(n_prompt for _, n_prompt in examples) - 1)  # y[t] is token t+1: the first response target
+    return x.to(device), y.to(device), start
 
-def sequence_logprobs(model, x, y):  # (N, T), (N, T) -> (N,)
+def sequence_logprobs(model, x, y, start=0):  # (N, T), (N, T) -> (N,)
     """log π(y|x): the sum of the response's token log-probs, its end-of-text included (the policy's choice to stop
-    is part of the response, as in PPO). token_logprobs works in fp32, so the log-ratio's difference of two sums of
-    ~100 log-probs does not lose its small first steps to bf16 rounding. Right padding needs no attention mask."""
-    is_response = y != -1
-    logprobs = token_logprobs(model(x), y.clamp(min=0))  # (N, T); padding's targets read id 0, then are masked
-    return (logprobs * is_response).sum(1)
+    is part of the response, as in PPO). model.py's LM head runs in fp32 (GPT.lm_logits) and token_logprobs too, so
+    the log-ratio, a difference of two sums of ~100 log-probs, does not lose its small first steps to bf16 rounding;
+    as PPO's response_logprobs does, the head skips the columns before `start`, which are prompt in every row (at
+    GPT-2's vocabulary it costs a third of the forward). Right padding needs no attention mask."""
+    targets = y[:, start:]  # (N, T - start)
+    logprobs = token_logprobs(model(x, logits_from=start), targets.clamp(min=0))  # padding reads id 0, then is masked
+    return (logprobs * (targets != -1)).sum(1)
 
 def implicit_rewards(logprobs, ref_logprobs, beta):  # (N,), (N,) -> (N,)
     # DPO eq. (5) without β log Z(x), which cancels in every pair: r(x, y) = β log π(y|x) / π_ref(y|x).
@@ -83,10 +87,10 @@ def implicit_rewards(logprobs, ref_logprobs, beta):  # (N,), (N,) -> (N,)
 def dpo_loss(policy, ref_policy, tokenizer, batch, beta, block_size, device):
     """DPO eq. (7) over all C(K,2) pairs of each ranking, each ranking weighing the same (reward.ranking_pairs_loss).
     Returns the loss and the implicit rewards of every pair's chosen and rejected response, (N,) each."""
-    x, y = encode_responses(tokenizer, batch, block_size, device)
-    logprobs = sequence_logprobs(policy, x, y)  # (sum of K,)
+    x, y, start = encode_responses(tokenizer, batch, block_size, device)
+    logprobs = sequence_logprobs(policy, x, y, start)  # (sum of K,)
     with torch.no_grad():  # π_ref is frozen: no graph, and half the memory
-        ref_logprobs = sequence_logprobs(ref_policy, x, y)
+        ref_logprobs = sequence_logprobs(ref_policy, x, y, start)
     return ranking_pairs_loss(implicit_rewards(logprobs, ref_logprobs, beta), batch)
 
 # ----------------------------------------------------------------------------- config -> data -> model -> loop -> save

@@ -393,8 +393,8 @@ def token_logprobs(logits, tokens):
 def response_logprobs(model, tokens, attention_mask, P, temperature):
     """log π(a_t) of each response token at the rollout's temperature (N+ details: recomputing at another
     temperature than the one sampled at silently changes the ratio). Returns (B, R) and the logits (B, R, V).
-    Every log-prob path (PPO's old, reference and new log-probs, evaluation's KL, DPO) goes through here: the LM
-    head runs in fp32 (GPT.lm_logits) and only at the positions P-1.. that predict response tokens."""
+    PPO's and evaluation's log-probs go through here, DPO's through the same pieces: the LM head in fp32
+    (GPT.lm_logits), only at the positions that predict response tokens (logits_from), then token_logprobs."""
     logits = model(tokens, attention_mask=attention_mask, logits_from=P - 1)[:, :-1] / temperature  # (B, R, V)
     return token_logprobs(logits, tokens[:, P:]), logits
 

@@ -39,11 +39,13 @@ def test_sequence_logprob_sums_the_response_tokens_and_its_end_of_text_only():
     """log π(y|x) is the sum over the response's tokens and its end-of-text, computed here one token at a time from
     full forwards of the unpadded sequence: neither the prompt nor the padding of a longer row enters it."""
     policy = tiny_policy()
-    x, y = dpo.encode_responses(TOKENIZER, [RANKING], 64, "cpu")
+    x, y, start = dpo.encode_responses(TOKENIZER, [RANKING, PAIR], 64, "cpu")
+    assert start == len(PAIR[0]) - 1  # the shorter prompt's last token predicts its first response token
     with torch.no_grad():
-        batched = dpo.sequence_logprobs(policy, x, y)
-        for i, response in enumerate(RANKING[1]):
-            prompt_ids = TOKENIZER.encode_ordinary(RANKING[0])
+        batched = dpo.sequence_logprobs(policy, x, y, start)
+        torch.testing.assert_close(batched, dpo.sequence_logprobs(policy, x, y), atol=1e-5, rtol=0)  # same sums
+        for i, (prompt, response) in enumerate((p, r) for p, ranking in (RANKING, PAIR) for r in ranking):
+            prompt_ids = TOKENIZER.encode_ordinary(prompt)
             ids = prompt_ids + TOKENIZER.encode_ordinary(response) + [TOKENIZER.eot_token]
             by_hand = sum(torch.log_softmax(policy(torch.tensor([ids[:t]]))[0, -1], -1)[ids[t]].item()
                           for t in range(len(prompt_ids), len(ids)))
@@ -57,8 +59,7 @@ def test_dpo_gradient_raises_the_chosen_log_ratio_over_the_rejected_one():
     ref_policy = copy.deepcopy(policy).requires_grad_(False)
     loss, _, _ = dpo.dpo_loss(policy, ref_policy, TOKENIZER, [PAIR], beta, 64, "cpu")
     grads = torch.autograd.grad(loss, list(policy.parameters()))
-    x, y = dpo.encode_responses(TOKENIZER, [PAIR], 64, "cpu")
-    logprobs = dpo.sequence_logprobs(policy, x, y)
+    logprobs = dpo.sequence_logprobs(policy, *dpo.encode_responses(TOKENIZER, [PAIR], 64, "cpu"))
     by_hand = torch.autograd.grad(-beta / 2 * (logprobs[0] - logprobs[1]), list(policy.parameters()))
     for g, h in zip(grads, by_hand):
         torch.testing.assert_close(g, h, atol=1e-6, rtol=1e-4)  # fp32, logsigmoid's chain rule vs by hand
