@@ -408,8 +408,8 @@ def prepare_run_dir(out_dir, resume=None, overwrite=False):
                 if owner == mine:  # this process took it already (main called twice, as tests do)
                     break
                 if owner is not None and is_alive(owner):
-                    raise ValueError(f"{out_dir}: in use by a live run (pid {owner}, see {lock}); wait for it to "
-                                     f"finish or pick another --out_dir") from None
+                    raise ValueError(f"{out_dir}: in use by a live run (pid {owner}, see {lock}); wait for it, pick "
+                                     f"another --out_dir, or delete the lock if that pid is not a run") from None
                 print(f"{lock}: taking over the lock of pid {owner}, which is no longer running")
                 if read_pid(lock) == owner:  # still the stale one, not a lock another process just took
                     os.remove(lock)
