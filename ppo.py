@@ -93,7 +93,8 @@ class Config:
     overwrite: bool = False            # replace the run in out_dir (without it or --resume, a saved run is refused)
     device: str = "auto"
     dtype: str = "auto"
-    compile: bool = False              # torch.compile the training forwards of π and V (sampling stays eager)
+    compile: bool = False              # torch.compile the training forwards of π and V (sampling stays eager);
+                                       # their kernels round unlike π_ref's: KL at step 0 ~1e-7, not 0
     cuda_graph: bool = False           # CUDA only: replay the rollouts' decode step as a CUDA graph (sample.py)
     micro_batch_size: int = 0          # rows per forward and backward (0 = a whole minibatch): changes memory,
                                        # not results (gradients accumulate over a minibatch's micro-batches)

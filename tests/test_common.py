@@ -7,6 +7,7 @@ culprit.
 import errno
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -161,3 +162,15 @@ def test_lr_warms_up_linearly_then_decays_by_cosine_to_its_floor():
     decay = [lr(s) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(decay, decay[1:]))  # never goes back up
     assert lr(110) == pytest.approx(0.1) and lr(500) == pytest.approx(0.1)
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:1"])
+def test_any_cuda_device_gets_bf16_and_keeps_tf32_off_for_the_fp32_heads(device, monkeypatch):
+    """DESIGN, precision: dtype auto is bf16 on a CUDA device with bf16 support, whichever device index it names
+    (`--device=cuda:0` once ran fp32). Under bf16 the only fp32 matmuls are the LM and scalar heads, kept fp32 on
+    purpose, so TF32 stays off. (No GPU here: bf16 support is faked; autocast on CUDA then disables itself.)"""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    with warnings.catch_warnings():  # without a GPU: "CUDA is not available ... Disabling autocast"
+        warnings.simplefilter("ignore", UserWarning)
+        assert common.setup_device(device, "auto")[:2] == (device, "bfloat16")
+    assert torch.backends.cuda.matmul.allow_tf32 is False
