@@ -64,26 +64,37 @@ def write_stories(path, n, seed):
                                    for _ in range(n)])
     return str(path)
 
-def sft_config(tmp_path, run, **overrides):
-    data = tmp_path / "stories_train.jsonl"
+def write_demos(path, n, seed):
+    """Demonstrations whose responses run from 1 to 6 words, so rows hold different numbers of response tokens."""
+    rng = random.Random(seed)
+    common.write_jsonl(str(path), [{"prompt": f"Say {w} {k} times:\n", "response": " ".join([w] * k) + "."}
+                                   for w, k in ((rng.choice(WORDS), rng.randint(1, 6)) for _ in range(n))])
+    return str(path)
+
+def sft_config(tmp_path, run, mode="pretrain", **overrides):
+    """sft.Config of a tiny byte model on stories (pretrain) or demonstrations (sft)."""
+    data = tmp_path / f"{mode}_train.jsonl"
     if not data.exists():
-        write_stories(data, 120, seed=0)
-        write_stories(tmp_path / "stories_val.jsonl", 24, seed=1)
-    return sft.Config(**{**dict(out_dir=str(tmp_path / run), mode="pretrain", data=str(data), tokenizer="bytes",
+        write = write_stories if mode == "pretrain" else write_demos
+        write(data, 120, seed=0)
+        write(tmp_path / f"{mode}_val.jsonl", 24, seed=1)
+    return sft.Config(**{**dict(out_dir=str(tmp_path / run), mode=mode, data=str(data), tokenizer="bytes",
                                 n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, max_steps=6, lr=3e-3,
                                 warmup_steps=2, eval_interval=3, eval_batches=2, device="cpu", dtype="float32"),
                          **overrides})
 
 # ----------------------------------------------------------------------------- SFT / pretraining
 
-def test_pretraining_on_two_processes_of_batch_b_logs_the_losses_of_one_process_of_batch_2b(tmp_path):
+@pytest.mark.parametrize("mode", ["pretrain", "sft"])
+def test_two_processes_of_batch_b_log_the_losses_of_one_process_of_batch_2b(tmp_path, mode):
     """DDP averages the two processes' gradients, and each takes its own half of the same global batch, so two
     processes of batch 4 (x 2 micro-steps) take the steps one process of batch 8 (x 2) takes: every logged train
-    and val loss agrees to float rounding (the sums are split differently), and rank 0 alone wrote the log. Were the
-    processes' rows to overlap, or their gradients not averaged, the losses would part after the first step."""
-    one = sft_config(tmp_path, "one", batch_size=8, grad_accum=2)
+    and val loss agrees to float rounding (the sums are split differently), and rank 0 alone wrote the log. In SFT
+    mode the halves hold different numbers of response tokens: the loss is the mean over all of the step's tokens.
+    Were the processes' rows to overlap, or their gradients not averaged, the losses would part after one step."""
+    one = sft_config(tmp_path, "one", mode, batch_size=8, grad_accum=2)
     sft.main(one)
-    two = sft_config(tmp_path, "two", batch_size=4, grad_accum=2)
+    two = sft_config(tmp_path, "two", mode, batch_size=4, grad_accum=2)
     run_processes(sft.main, two)
     expected, got = read_log(one.out_dir), read_log(two.out_dir)
     assert [r["step"] for r in got] == [r["step"] for r in expected] == list(range(1, 7))  # one writer: no repeats
