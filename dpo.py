@@ -96,8 +96,8 @@ def dpo_loss(policy, ref_policy, tokenizer, batch, beta, block_size, device):
 # ----------------------------------------------------------------------------- config -> data -> model -> loop -> save
 
 def main(cfg: Config) -> dict:
-    check_config(cfg)
     one_process_only("dpo.py")
+    check_config(cfg)
     prepare_run_dir(cfg.out_dir, overwrite=cfg.overwrite)
     set_seed(cfg.seed)
     device, dtype, ctx = setup_device(cfg.device, cfg.dtype, cfg.compile)
