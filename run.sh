@@ -83,7 +83,8 @@ if [ "$MODE" = full ]; then
     [ -f out/eval_dpo/eval.json ] || $EVAL --policy=out/dpo --out_dir=out/eval_dpo
     # critic-free PPO: RLOO (Ahmadian et al. 2024), 16 prompts x 4 samples, the same 64 rollouts per iteration
     python ppo.py --out_dir=out/ppo_rloo --advantage=rloo --samples_per_prompt=4 $(resume out/ppo_rloo)
-    # RLHF without SFT: PPO from the base model (its reference and start), judged against SFT like every row
+    # RLHF without SFT: PPO from the base model (its reference and start), judged against SFT like every row. The RM
+    # (and so the value model) is still out/rm, trained from SFT: only the policy skips the demonstrations
     python ppo.py --sft=out/base --out_dir=out/ppo_base $(resume out/ppo_base)
     [ -f out/eval_ppo_base/eval.json ] || $EVAL --policy=out/ppo_base --out_dir=out/eval_ppo_base
 fi
