@@ -36,14 +36,14 @@ real() {  # RECIPE DATASET SFT_FLAGS RM_FLAGS PPO_FLAGS; one template renders th
 # prompts (80 iterations), TL;DR 128k episodes (the N+ details ran 1M on 8 GPUs).
 SFT="--lr=3e-6 --min_lr_ratio=0 --warmup_steps=0 --batch_size=16 --grad_accum=8 --eval_interval=100"
 PPO="--ppo_epochs=4 --lam=0.95 --temperature=0.7 --no_eos_score=-1 --batch_size=512 --n_minibatches=1 --n_eval=256"
-case $MODE in
-    gpt2) real gpt2 hh_rlhf "$SFT --max_steps=320" "--lr=5e-5 --batch_size=32 --freeze_layers=0" "$PPO \
-              --lr=1.41e-5 --init_kl_coef=0.2 --target_kl=6 --kl_horizon=10000 --max_new_tokens=128 --n_iters=80 \
-              --micro_batch_size=16 --eval_interval=20"
+case $MODE in  # --micro_batch_size: rows per forward and backward, memory only (the updates are the same)
+    gpt2) real gpt2 hh_rlhf "$SFT --max_steps=320" "--lr=5e-5 --batch_size=32 --micro_batch_size=8 --freeze_layers=0" \
+              "$PPO --lr=1.41e-5 --init_kl_coef=0.2 --target_kl=6 --kl_horizon=10000 --max_new_tokens=128 \
+              --n_iters=80 --micro_batch_size=16 --eval_interval=20"
           exit 0;;
-    tldr) real tldr tldr "$SFT --max_steps=900" "--lr=3e-6 --batch_size=64 --freeze_layers=0" "$PPO --lr=3e-6 \
-              --adaptive_kl=False --init_kl_coef=0.05 --whiten_rewards=False --max_new_tokens=53 --n_iters=250 \
-              --micro_batch_size=32 --eval_interval=50"
+    tldr) real tldr tldr "$SFT --max_steps=900" "--lr=3e-6 --batch_size=64 --micro_batch_size=8 --freeze_layers=0" \
+              "$PPO --lr=3e-6 --adaptive_kl=False --init_kl_coef=0.05 --whiten_rewards=False --max_new_tokens=53 \
+              --n_iters=250 --micro_batch_size=32 --eval_interval=50"
           exit 0;;
 esac
 
