@@ -4,8 +4,8 @@ per-token KL penalty to the frozen SFT model, and optionally the pretraining los
 Four models: the policy π (trained, from SFT), the reference π_ref (frozen SFT), the reward model r (frozen), and
 the value model V (trained, initialised from the reward model as in the paper). One iteration:
   rollout (sample.generate) -> score (RM, EOS trick) -> rewards (score - β·KL per token) -> GAE -> PPO epochs.
-Critic-free (--advantage=rloo or grpo): no value model at all. Each prompt gets --samples_per_prompt responses, and a
-response's advantage is its reward against its siblings' (critic_free_advantages); the PPO epochs stay the same.
+Critic-free (--advantage=rloo or grpo): no value model; each prompt gets --samples_per_prompt responses, each one's
+advantage its reward against its siblings' (critic_free_advantages), in the same PPO epochs (not RLOO's REINFORCE).
 At its evaluations, eval.py's evaluate() compares π with the SFT model on val prompts (out/<run>/eval.json).
     python ppo.py --sft=out/sft --reward=out/rm --prompts=data/stories/prompts_train.jsonl --out_dir=out/ppo
     torchrun --standalone --nproc_per_node=8 ppo.py ...   # several GPUs: each process samples its own rollouts
@@ -168,14 +168,14 @@ def compute_gae(rewards, values, response_mask, gamma, lam):
     return advantages, advantages + values
 
 def loo_baseline(seq_rewards, k):  # (B,) in groups of k consecutive samples of one prompt -> (B,)
-    """RLOO's baseline (Ahmadian et al. 2024, §3.2, after Kool et al. 2019): each sample's is the mean reward of the
+    """RLOO's baseline (Ahmadian et al. 2024, after Kool et al. 2019): each sample's is the mean reward of the
     other k - 1 samples of its prompt. Leaving the sample out keeps the baseline independent of its own action, so
     the policy gradient stays unbiased; as a sum: (group total - own reward) / (k - 1)."""
     grouped = seq_rewards.view(-1, k)  # (B/k, k)
     return ((grouped.sum(1, keepdim=True) - grouped) / (k - 1)).flatten()
 
 def critic_free_advantages(seq_rewards, k, kind):  # (B,) in groups of k -> (B,), one advantage per response
-    """The whole response is one action (Ahmadian et al. 2024, §3.1), so its advantage is one number, which the
+    """The whole response is one action (Ahmadian et al. 2024), so its advantage is one number, which the
     caller broadcasts over its tokens. rloo: R - the leave-one-out baseline. grpo: the group's z-score (R - mean) / std
     (Shao et al. 2024, §4.1.2, "outcome supervision"). Our "GRPO" differs from theirs in two ways, to change only the
     advantage between our arms: the KL to π_ref stays in the reward (theirs is a k3 term in the loss), and the loss

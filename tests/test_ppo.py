@@ -184,7 +184,7 @@ def test_gae_with_lambda_one_is_return_minus_value():
 # ----------------------------------------------------------------------------- critic-free: RLOO and "GRPO"
 
 def test_rloo_baseline_is_the_mean_of_the_other_samples_of_the_same_prompt():
-    """RLOO (Ahmadian et al. 2024, §3.2): with k samples of a prompt, sample i's baseline is the mean reward of the
+    """RLOO (Ahmadian et al. 2024): with k samples of a prompt, sample i's baseline is the mean reward of the
     other k - 1, checked against a slow loop over groups and members; the advantage is reward minus that. GRPO's
     (Shao et al. 2024, §4.1.2) is the group's z-score, with the sample standard deviation."""
     k, rewards = 4, torch.randn(12, generator=torch.Generator().manual_seed(0))  # 3 prompts x 4 samples, in a row
