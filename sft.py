@@ -238,6 +238,8 @@ def main(cfg: Config) -> dict:
         if is_eval:
             record["val/loss"] = val_loss = estimate_val_loss()
         check_finite(f"step {step}", record)  # before this step's model can be saved
+        if master:  # logged before the save: a kill between the two leaves a line --resume cuts, not a gap
+            log(cfg.out_dir, record)
         if is_eval:
             if master:
                 tqdm.write(f"step {step}/{cfg.max_steps} | train loss {train_loss:.3f} | val loss {val_loss:.3f}")
@@ -246,8 +248,6 @@ def main(cfg: Config) -> dict:
                 best_val_loss = val_loss
                 if master:
                     save()
-        if master:
-            log(cfg.out_dir, record)
     bar.close()
     if not val and master and (resume_ckpt is None or step > resume_ckpt["step"]):
         save()  # no validation: the last model is the one we keep

@@ -201,9 +201,9 @@ def prints(text):
         assert text in stdout, stdout[-500:]
     return check
 
-def log_steps(out_dir):
+def log_steps(out_dir):  # a line still being written (or cut by a kill) has no newline yet
     with open(out_dir / "log.jsonl") as f:
-        return [json.loads(line).get("step") for line in f]
+        return [json.loads(line).get("step") for line in f if line.endswith("\n")]
 
 # ----------------------------------------------------------------------------- the list
 
