@@ -281,6 +281,119 @@ def resume_run(out_dir, policy, value_model, optimizer, rngs):
     print(f"resumed from {out_dir} at iteration {ckpt['step']}")
     return ckpt["kl_coef"], ckpt["step"]
 
+# ----------------------------------------------------------------------------- one iteration: experience, updates
+
+def make_experience(cfg, rollout, batch_prompts, texts, models, labeler, kl_coef, eot_id, ctx):
+    """Steps 2-4 of an iteration, without gradients: log π, log π_ref and V(s_t) over the rollouts, their scores, the
+    per-token rewards of eq. (2) and the advantages. -> a dict of the batch's tensors, (B, R) unless noted."""
+    train_policy, ref_policy, reward_model, train_value = models
+    tokens, attention_mask, P = rollout.tokens, rollout.attention_mask, rollout.prompt_len  # (B, P+R)
+    response_mask = rollout.response_mask  # (B, R) real tokens up to and including EOS
+    rows = cfg.micro_batch_size or len(tokens)  # rows per forward: memory only, the numbers are the same
+    def no_grad_forward(fn):
+        return torch.cat([fn(tokens[i:i + rows], attention_mask[i:i + rows]) for i in range(0, len(tokens), rows)])
+    with torch.no_grad(), ctx:
+        # Recompute log π with a full forward (not the sampler's numbers) so old and new log-probs come from the same
+        # code path; at step 0 the ratio is then exactly 1.
+        old_logprobs = no_grad_forward(lambda t, m: response_logprobs(train_policy, t, m, P, cfg.temperature)[0])
+        ref_logprobs = no_grad_forward(lambda t, m: response_logprobs(ref_policy, t, m, P, cfg.temperature)[0])
+        old_values = None if train_value is None else no_grad_forward(  # (B, R) V(s_t)
+            lambda t, m: response_values(train_value, t, m, P))
+        if cfg.gold_reward:  # the labeler in the RM's place (its scores are in [0, 1]; whitening rescales them)
+            scores = torch.tensor(list(map(labeler.score, batch_prompts, texts)), device=tokens.device)  # (B,)
+        else:
+            scores = no_grad_forward(lambda t, m: score(reward_model, t, m)).float()  # (B,) r(x, y) at the end
+    # N+ details "EOS trick": a response cut off before end-of-text gets a fixed low score.
+    has_eos = ((tokens[:, P:] == eot_id) & response_mask).any(1)  # (B,)
+    scores = torch.where(has_eos, scores, torch.full_like(scores, cfg.no_eos_score))
+    # the RL reward: optionally whitened over the (global) batch (the logs keep the raw scores, the RM's view)
+    rl_scores = masked_whiten(scores, torch.ones_like(scores)) if cfg.whiten_rewards else scores
+    rewards, kl = compute_rewards(rl_scores, old_logprobs, ref_logprobs, response_mask, kl_coef)  # (B, R)
+    returns = None
+    if train_value is not None:
+        advantages, returns = compute_gae(rewards, old_values, response_mask, cfg.gamma, cfg.lam)
+    else:  # as in Ahmadian et al.'s RLOO: the sequence's reward, score - β·KL(whole response), is one action's
+        advantages = critic_free_advantages(rewards.sum(1), cfg.samples_per_prompt, cfg.advantage)[:, None] \
+            * response_mask  # (B, R)
+    # N+ details: whitened per batch over real tokens; critic-free too, so that our arms differ in the baseline only
+    return {"tokens": tokens, "attention_mask": attention_mask, "P": P, "response_mask": response_mask,
+            "old_logprobs": old_logprobs, "old_values": old_values, "returns": returns, "scores": scores, "kl": kl,
+            "has_eos": has_eos, "advantages": masked_whiten(advantages, response_mask)}
+
+def ppo_update(cfg, exp, train_policy, train_value, trained, optimizer, shuffle_rng, next_ptx_batch, ctx):
+    """Step 5: ppo_epochs passes over the batch, each in n_minibatches shuffled minibatches, one optimizer step per
+    minibatch; each step's gradient accumulates over micro-batches of micro_batch_size rows (memory falls, the update
+    doesn't). next_ptx_batch is None, or draws PPO-ptx's pretraining batch. -> lists of minibatch stats."""
+    tokens, attention_mask, P, response_mask = exp["tokens"], exp["attention_mask"], exp["P"], exp["response_mask"]
+    mb_size = cfg.batch_size // cfg.n_minibatches
+    micro_size = cfg.micro_batch_size or mb_size
+    # the N+ details' metric names, less their "ppo/" prefix; lists of minibatch values (logged null when empty)
+    stats = {"ptx_loss": [], "loss/value_avg": [], "val/clipfrac_avg": []}
+    for _ in range(cfg.ppo_epochs):
+        perm = torch.randperm(cfg.batch_size, generator=shuffle_rng)
+        for start in range(0, cfg.batch_size, mb_size):
+            mb = perm[start:start + mb_size]
+            n_tokens = response_mask[mb].sum().clamp(min=1)  # the minibatch's real response tokens
+            optimizer.zero_grad(set_to_none=True)
+            mb_stats = {}
+            micro_batches = mb.split(micro_size)
+            for i, micro in enumerate(micro_batches):
+                last = i == len(micro_batches) - 1  # DDP: sync gradients in each model's last backward
+                sync_gradients(train_policy, last and next_ptx_batch is None)
+                sync_gradients(train_value, last)
+                mb_mask = response_mask[micro]
+                # Each loss is a masked mean over the micro-batch; weighted by the micro-batch's share of the
+                # minibatch's real tokens, the summed losses (and gradients) are the minibatch's masked means.
+                weight = mb_mask.sum() / n_tokens
+                with ctx:
+                    mb_logprobs, mb_logits = response_logprobs(train_policy, tokens[micro], attention_mask[micro], P,
+                                                               cfg.temperature)
+                    pg_loss, clipfrac, approxkl = policy_loss(mb_logprobs, exp["old_logprobs"][micro],
+                                                              exp["advantages"][micro], mb_mask, cfg.cliprange)
+                    loss, micro_stats = pg_loss, {"loss/policy_avg": pg_loss}
+                    if train_value is not None:
+                        mb_values = response_values(train_value, tokens[micro], attention_mask[micro], P)
+                        vf_loss, vf_clipfrac = value_loss(mb_values, exp["old_values"][micro], exp["returns"][micro],
+                                                          mb_mask, cfg.cliprange_value)
+                        loss = loss + cfg.vf_coef * vf_loss
+                        micro_stats.update({"loss/value_avg": vf_loss, "val/clipfrac_avg": vf_clipfrac})
+                (loss * weight).backward()
+                with torch.no_grad():
+                    entropy = -(F.softmax(mb_logits, -1) * F.log_softmax(mb_logits, -1)).sum(-1)  # (micro, R)
+                micro_stats.update({"policy/entropy_avg": masked_mean(entropy, mb_mask),
+                                    "policy/clipfrac_avg": clipfrac, "policy/approxkl_avg": approxkl})
+                for key, v in micro_stats.items():
+                    mb_stats[key] = mb_stats.get(key, 0) + v.detach() * weight
+            if next_ptx_batch is not None:  # PPO-ptx: keep the pretraining distribution's likelihood up (eq. (2))
+                x, y = next_ptx_batch()
+                sync_gradients(train_policy, True)  # π's last backward of the minibatch
+                with ctx:
+                    ptx_loss = lm_loss(train_policy, x, y)
+                (cfg.ptx_coef * ptx_loss).backward()
+                stats["ptx_loss"].append(ptx_loss.detach())
+            # clip each model on its own: the value loss's large early gradients must not shrink π's step
+            for model in trained:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            for key, v in mb_stats.items():
+                stats.setdefault(key, []).append(v)
+    return stats
+
+def batch_metrics(exp, stats, kl_coef, labeler, batch_prompts, texts, world_size):
+    """The iteration's logged means (the N+ details' metric names) over the global batch. Each is a mean over this
+    process's rollouts, and every process has as many: one all-reduce averages them into the global batch's. The mean
+    KL that sets β is one of them, so β is the same on every process, always."""
+    scores, kl, response_mask = exp["scores"], exp["kl"], exp["response_mask"]
+    means = {"objective/kl": kl.sum(1).mean(), "objective/scores": scores.mean(),
+             "objective/rlhf_reward": (scores - kl_coef * kl.sum(1)).mean(),  # the β that built these rewards
+             **{f"ppo/{key}": torch.stack(v).mean() for key, v in stats.items() if v},
+             "response/length": response_mask.sum(1).float().mean(),
+             "response/eos_share": exp["has_eos"].float().mean()}
+    if labeler is not None:  # the gold judge's view of the same samples (the policy sees it only with gold_reward)
+        means["objective/labeler_score"] = torch.tensor(sum(map(labeler.score, batch_prompts, texts)) / len(texts))
+    global_means = all_reduce_sum(torch.stack([v.float().to(scores.device) for v in means.values()])) / world_size
+    return dict(zip(means, global_means.tolist()))  # sync point: once per iteration
+
 # ----------------------------------------------------------------------------- config -> models -> data -> loop -> save
 
 def main(cfg: Config) -> dict:
@@ -341,10 +454,11 @@ def main(cfg: Config) -> dict:
     # DDP wraps the trained models: it averages their gradients over the processes in backward.
     train_policy, train_value = (wrap_ddp(torch.compile(m, dynamic=True) if cfg.compile else m, device)
                                  if m is not None else None for m in (policy, value_model))
-    mb_size = cfg.batch_size // cfg.n_minibatches
-    micro_size = cfg.micro_batch_size or mb_size  # rows per forward + backward in the updates
-    rows_per_forward = cfg.micro_batch_size or cfg.batch_size  # and in the no-grad forwards over the whole batch
-    chunks = [slice(i, i + rows_per_forward) for i in range(0, cfg.batch_size, rows_per_forward)]
+    def next_ptx_batch():  # PPO-ptx: this process's slice of one global draw of packed pretraining chunks
+        idx = torch.randint(len(ptx), (world_size * cfg.ptx_batch_size,), generator=prompt_rng)
+        x, y = make_batch([ptx[i] for i in idx[rank * cfg.ptx_batch_size:(rank + 1) * cfg.ptx_batch_size]],
+                          tokenizer.eot_token)
+        return x.to(device), y.to(device)
     bar = tqdm(range(start_iter, cfg.n_iters), initial=start_iter, total=cfg.n_iters, desc="ppo", dynamic_ncols=True,
                disable=not master)
     for iteration in bar:
@@ -364,106 +478,23 @@ def main(cfg: Config) -> dict:
                                cuda_graph=cfg.cuda_graph, compile_step=cfg.cuda_graph and cfg.compile).trimmed()
         policy.train()
         t_rollout = time.time() - t0
-        tokens, attention_mask, P = rollout.tokens, rollout.attention_mask, rollout.prompt_len  # (B, P+R)
-        response_mask = rollout.response_mask  # (B, R) real tokens up to and including EOS
         texts = rollout.texts(tokenizer) if labeler is not None else None  # built-in task: what the labeler reads
         # ------------------------------------------------------------ 2. score, 3. rewards, 4. advantages
-        with torch.no_grad(), ctx:
-            # Recompute log π with a full forward (not the sampler's numbers) so old and new log-probs come from
-            # the same code path; at step 0 the ratio is then exactly 1. In chunks of micro_batch_size rows.
-            def no_grad_forward(fn):
-                return torch.cat([fn(tokens[c], attention_mask[c]) for c in chunks])
-            old_logprobs = no_grad_forward(lambda t, m: response_logprobs(train_policy, t, m, P, cfg.temperature)[0])
-            ref_logprobs = no_grad_forward(lambda t, m: response_logprobs(ref_policy, t, m, P, cfg.temperature)[0])
-            if has_critic:
-                old_values = no_grad_forward(lambda t, m: response_values(train_value, t, m, P))  # (B, R) V(s_t)
-            if cfg.gold_reward:  # the labeler in the RM's place (its scores are in [0, 1]; whitening rescales them)
-                scores = torch.tensor(list(map(labeler.score, batch_prompts, texts)), device=device)  # (B,)
-            else:
-                scores = no_grad_forward(lambda t, m: score(reward_model, t, m)).float()  # (B,) r(x, y) at the end
-        # N+ details "EOS trick": a response cut off before end-of-text gets a fixed low score.
-        has_eos = ((tokens[:, P:] == tokenizer.eot_token) & response_mask).any(1)  # (B,)
-        scores = torch.where(has_eos, scores, torch.full_like(scores, cfg.no_eos_score))
-        # the RL reward: optionally whitened over the (global) batch (the logs keep the raw scores, the RM's view)
-        rl_scores = masked_whiten(scores, torch.ones_like(scores)) if cfg.whiten_rewards else scores
-        rewards, kl = compute_rewards(rl_scores, old_logprobs, ref_logprobs, response_mask, kl_coef)  # (B, R)
-        if has_critic:
-            advantages, returns = compute_gae(rewards, old_values, response_mask, cfg.gamma, cfg.lam)
-        else:  # as in Ahmadian et al.'s RLOO: the sequence's reward, score - β·KL(whole response), is one action's
-            advantages = critic_free_advantages(rewards.sum(1), k, cfg.advantage)[:, None] * response_mask  # (B, R)
-        # N+ details: whitened per batch over real tokens; critic-free too, so that our arms differ in the baseline only
-        advantages = masked_whiten(advantages, response_mask)
+        exp = make_experience(cfg, rollout, batch_prompts, texts, (train_policy, ref_policy, reward_model,
+                              train_value), labeler, kl_coef, tokenizer.eot_token, ctx)
         # ------------------------------------------------------------ 5. PPO epochs over minibatches
-        # the N+ details' metric names, less their "ppo/" prefix; lists of minibatch values (logged null when empty)
-        stats = {"ptx_loss": [], "loss/value_avg": [], "val/clipfrac_avg": []}
-        for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(cfg.batch_size, generator=prompt_rng)
-            for start in range(0, cfg.batch_size, mb_size):
-                mb = perm[start:start + mb_size]
-                n_tokens = response_mask[mb].sum().clamp(min=1)  # the minibatch's real response tokens
-                optimizer.zero_grad(set_to_none=True)
-                mb_stats = {}
-                micro_batches = mb.split(micro_size)
-                for i, micro in enumerate(micro_batches):  # gradient accumulation: memory falls, the update doesn't
-                    sync_gradients(train_policy, i == len(micro_batches) - 1 and not ptx)  # in the minibatch's last
-                    sync_gradients(train_value, i == len(micro_batches) - 1)  # backward of each model (DDP)
-                    mb_mask = response_mask[micro]
-                    # Each loss is a masked mean over the micro-batch; weighted by the micro-batch's share of the
-                    # minibatch's real tokens, the summed losses (and gradients) are the minibatch's masked means.
-                    weight = mb_mask.sum() / n_tokens
-                    with ctx:
-                        mb_logprobs, mb_logits = response_logprobs(train_policy, tokens[micro], attention_mask[micro],
-                                                                   P, cfg.temperature)
-                        pg_loss, clipfrac, approxkl = policy_loss(mb_logprobs, old_logprobs[micro], advantages[micro],
-                                                                  mb_mask, cfg.cliprange)
-                        loss, micro_stats = pg_loss, {"loss/policy_avg": pg_loss}
-                        if has_critic:
-                            mb_values = response_values(train_value, tokens[micro], attention_mask[micro], P)
-                            vf_loss, vf_clipfrac = value_loss(mb_values, old_values[micro], returns[micro], mb_mask,
-                                                              cfg.cliprange_value)
-                            loss = loss + cfg.vf_coef * vf_loss
-                            micro_stats.update({"loss/value_avg": vf_loss, "val/clipfrac_avg": vf_clipfrac})
-                    (loss * weight).backward()
-                    with torch.no_grad():
-                        entropy = -(F.softmax(mb_logits, -1) * F.log_softmax(mb_logits, -1)).sum(-1)  # (micro, R)
-                    micro_stats.update({"policy/entropy_avg": masked_mean(entropy, mb_mask),
-                                        "policy/clipfrac_avg": clipfrac, "policy/approxkl_avg": approxkl})
-                    for key, v in micro_stats.items():
-                        mb_stats[key] = mb_stats.get(key, 0) + v.detach() * weight
-                if ptx:  # PPO-ptx: keep the pretraining distribution's likelihood up (InstructGPT eq. (2))
-                    idx = torch.randint(len(ptx), (world_size * cfg.ptx_batch_size,), generator=prompt_rng)
-                    idx = idx[rank * cfg.ptx_batch_size:(rank + 1) * cfg.ptx_batch_size]  # this process's slice
-                    x, y = make_batch([ptx[i] for i in idx], tokenizer.eot_token)
-                    sync_gradients(train_policy, True)  # π's last backward of the minibatch
-                    with ctx:
-                        ptx_loss = lm_loss(train_policy, x.to(device), y.to(device))
-                    (cfg.ptx_coef * ptx_loss).backward()
-                    stats["ptx_loss"].append(ptx_loss.detach())
-                # clip each model on its own: the value loss's large early gradients must not shrink π's step
-                for model in trained:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                for key, v in mb_stats.items():
-                    stats.setdefault(key, []).append(v)
+        stats = ppo_update(cfg, exp, train_policy, train_value, trained, optimizer, prompt_rng,
+                           next_ptx_batch if ptx else None, ctx)
         # ------------------------------------------------------------ logging (the N+ details' metric names)
-        # Each is a mean over this process's rollouts, and every process has as many: one all-reduce averages them
-        # into the global batch's. The mean KL that sets β is one of them, so β is the same on every process, always.
-        means = {"objective/kl": kl.sum(1).mean(), "objective/scores": scores.mean(),
-                 "objective/rlhf_reward": (scores - kl_coef * kl.sum(1)).mean(),  # the β that built these rewards
-                 **{f"ppo/{key}": torch.stack(v).mean() for key, v in stats.items() if v},
-                 "response/length": response_mask.sum(1).float().mean(), "response/eos_share": has_eos.float().mean()}
-        if labeler is not None:  # the gold judge's view of the same samples (the policy sees it only with gold_reward)
-            means["objective/labeler_score"] = torch.tensor(sum(map(labeler.score, batch_prompts, texts)) / len(texts))
-        global_means = all_reduce_sum(torch.stack([v.float().to(device) for v in means.values()])) / world_size
         record = {"step": iteration + 1, **{f"ppo/{key}": None for key in stats},
-                  **dict(zip(means, global_means.tolist()))}  # sync point: once per iteration
+                  **batch_metrics(exp, stats, kl_coef, labeler, batch_prompts, texts, world_size)}
         if cfg.adaptive_kl:  # Ziegler et al. (2019) §2.2, at the pace of all processes' rollouts
             kl_coef = adapt_kl_coef(kl_coef, record["objective/kl"], cfg.target_kl, world_size * cfg.batch_size,
                                     cfg.kl_horizon)
+        explained = explained_variance(exp["returns"], exp["old_values"], exp["response_mask"]) if has_critic else None
         record.update({"objective/kl_coef": kl_coef, "ppo/lr": optimizer.param_groups[0]["lr"],
-                       "ppo/val/explained_variance": explained_variance(returns, old_values, response_mask).item()
-                       if has_critic else None, "time/rollout_s": t_rollout, "time/iteration_s": time.time() - t0,
-                       **peak_memory(device)})
+                       "ppo/val/explained_variance": None if explained is None else explained.item(),
+                       "time/rollout_s": t_rollout, "time/iteration_s": time.time() - t0, **peak_memory(device)})
         check_finite(f"iteration {iteration + 1}", record)  # before this iteration's model can be saved
         bar.set_postfix_str(f"score {record['objective/scores']:+.2f} | kl {record['objective/kl']:.2f} | "
                             f"β {kl_coef:.3f}"
