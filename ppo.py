@@ -491,10 +491,11 @@ def main(cfg: Config) -> dict:
         if cfg.adaptive_kl:  # Ziegler et al. (2019) §2.2, at the pace of all processes' rollouts
             kl_coef = adapt_kl_coef(kl_coef, record["objective/kl"], cfg.target_kl, world_size * cfg.batch_size,
                                     cfg.kl_horizon)
-        explained = explained_variance(exp["returns"], exp["old_values"], exp["response_mask"]) if has_critic else None
         record.update({"objective/kl_coef": kl_coef, "ppo/lr": optimizer.param_groups[0]["lr"],
-                       "ppo/val/explained_variance": None if explained is None else explained.item(),
-                       "time/rollout_s": t_rollout, "time/iteration_s": time.time() - t0, **peak_memory(device)})
+                       "ppo/val/explained_variance": explained_variance(exp["returns"], exp["old_values"],
+                                                                        exp["response_mask"]).item()
+                       if has_critic else None, "time/rollout_s": t_rollout, "time/iteration_s": time.time() - t0,
+                       **peak_memory(device)})
         check_finite(f"iteration {iteration + 1}", record)  # before this iteration's model can be saved
         bar.set_postfix_str(f"score {record['objective/scores']:+.2f} | kl {record['objective/kl']:.2f} | "
                             f"β {kl_coef:.3f}"
